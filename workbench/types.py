@@ -1,0 +1,124 @@
+"""The common types every engine returns: sampling settings, results with their timings, engine facts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from workbench.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What to generate and how. Checked once here, so every engine rejects bad input the same way.
+
+    `temperature=0` means greedy decoding. `top_k=0` and `top_p=1.0` turn those filters off (vLLM's convention).
+    """
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}.")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(
+                f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}."
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"seed must be an integer or None, got {self.seed!r}.")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError(f"each stop string must be a non-empty string, got {s!r}.")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class RequestMetrics:
+    """Timings of one request, in seconds from the moment the engine was asked to generate it.
+
+    `token_latencies_s[0]` is the time to first token; each later entry is the gap since the previous token.
+    """
+
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    token_latencies_s: list[float]
+    total_s: float
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first (0 when only one token was generated)."""
+        gaps = self.token_latencies_s[1:]
+        return sum(gaps) / len(gaps) if gaps else 0.0
+
+    @classmethod
+    def from_token_times(cls, prompt_tokens: int, token_times: Sequence[float], total_s: float) -> RequestMetrics:
+        """Build from each token's arrival time, measured from the request's start."""
+        latencies = [t - prev for prev, t in zip([0.0, *token_times[:-1]], token_times)]
+        ttft = token_times[0] if token_times else total_s
+        return cls(prompt_tokens, len(token_times), ttft, latencies, total_s)
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's answer.
+
+    `finish_reason` is "stop" (end of sequence or a stop string), "length" (max_tokens reached) or "abort".
+    `token_ids` holds every generated token, those of a stop string included, as vLLM does.
+    """
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    metrics: RequestMetrics
+
+    def __repr__(self) -> str:
+        return f"GenerationResult(text={self.text!r}, finish_reason={self.finish_reason!r}, tokens={len(self.token_ids)})"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Static facts about a loaded engine."""
+
+    engine: str
+    engine_version: str
+    device: str
+    dtype: str
+    model: str
+    model_path: str
+    parameters: int
+    weight_bytes: int
+    max_model_len: int
+    options: dict = field(default_factory=dict)
+
+    def _repr_markdown_(self) -> str:
+        rows = [
+            ("engine", f"{self.engine} {self.engine_version}"),
+            ("device", self.device),
+            ("dtype", self.dtype),
+            ("model", self.model),
+            ("parameters", f"{self.parameters:,}"),
+            ("weights", f"{self.weight_bytes / 2**20:,.1f} MiB"),
+            ("context", f"{self.max_model_len:,} tokens"),
+        ]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
