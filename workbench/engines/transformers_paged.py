@@ -15,8 +15,10 @@ from workbench.engines.hf_common import eos_token_ids, generation_config, hf_inf
 from workbench.errors import WorkbenchError
 from workbench.types import EngineInfo, SamplingOptions
 
-# Where the manager sizes its cache from free GPU memory, a CPU has none to read: bound it ourselves.
+# Where the manager sizes its cache and batches from free GPU memory, a CPU has none to read: bound them ourselves.
 _CPU_DEFAULT_KV_BYTES = 1 << 30
+_CPU_MAX_BLOCKS = 4096
+_CPU_MAX_BATCH_TOKENS = 1024
 
 
 class TransformersPagedEngine(Engine):
@@ -47,11 +49,14 @@ class TransformersPagedEngine(Engine):
             kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
             itemsize = self.hf_model.dtype.itemsize
             block_bytes = 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize * block_size
-            num_blocks = max(16, _CPU_DEFAULT_KV_BYTES // block_bytes)
+            num_blocks = max(16, min(_CPU_MAX_BLOCKS, _CPU_DEFAULT_KV_BYTES // block_bytes))
+        max_batch_tokens = self.options.get("max_batch_tokens")
+        if max_batch_tokens is None and self.device == "cpu":
+            max_batch_tokens = _CPU_MAX_BATCH_TOKENS
         return ContinuousBatchingConfig(
             page_size=block_size,
             num_blocks=num_blocks,
-            max_batch_tokens=self.options.get("max_batch_tokens"),
+            max_batch_tokens=max_batch_tokens,
             max_requests_per_batch=self.options.get("max_batch_size"),
             seed=seed,
         )

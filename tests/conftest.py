@@ -1,0 +1,46 @@
+"""Shared fixtures: each real engine is loaded once per test session (loading vLLM costs ~20 s here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+import workbench as wb
+
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+ENGINES = ["transformers", "transformers-paged", "vllm"]
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def engine_params():
+    return [pytest.param(name, marks=pytest.mark.skipif(name == "vllm" and not HAVE_VLLM,
+                                                         reason="vllm is not installed"))
+            for name in ENGINES]
+
+
+_loaded: dict[tuple[str, str], wb.Engine] = {}
+
+
+@pytest.fixture(scope="session")
+def load_shared():
+    """Load (engine, model) once for the whole session and close everything at the end."""
+
+    def get(engine: str, model: str = "smollm2-135m", **options) -> wb.Engine:
+        key = (engine, model)
+        if key not in _loaded:
+            _loaded[key] = wb.load(engine, model=model, **options)
+        return _loaded[key]
+
+    yield get
+    for engine in _loaded.values():
+        engine.close()
+    _loaded.clear()
+
+
+@pytest.fixture(params=engine_params())
+def smollm2(request, load_shared) -> wb.Engine:
+    """The bundled real model in each engine."""
+    return load_shared(request.param)
