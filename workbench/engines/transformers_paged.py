@@ -62,11 +62,15 @@ class TransformersPagedEngine(Engine):
         )
 
     @contextmanager
-    def _manager(self, options: SamplingOptions, max_new_tokens: int):
+    def _manager(self, options: SamplingOptions, max_new_tokens: int, prompts: list[list[int]]):
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
         gen = generation_config(options, self.eos_ids, self.pad_id, max_new_tokens)
+        # The hints size the batch for this workload, as `generate_batch` does; without them a batch holds fewer.
+        hints = WorkloadHints(max(len(p) for p in prompts), max_new_tokens, len(prompts))
         with self.hf_model.continuous_batching_context_manager(
             generation_config=gen, continuous_batching_config=self._cb_config(options.seed),
-            block=True, timeout=30, warmup=self.device != "cpu",
+            block=True, timeout=30, warmup=self.device != "cpu", workload_hints=hints,
         ) as manager:
             yield manager
 
@@ -79,7 +83,7 @@ class TransformersPagedEngine(Engine):
         first = options[0]
         by_id: dict[str, int] = {}
         results = {}
-        with self._manager(first, max(o.max_tokens for o in options)) as manager:
+        with self._manager(first, max(o.max_tokens for o in options), prompts) as manager:
             for index, (prompt, opts) in enumerate(zip(prompts, options)):
                 rid = manager.add_request(prompt, request_id=self._next_id(), max_new_tokens=opts.max_tokens,
                                           record_timestamps=True)
@@ -104,7 +108,7 @@ class TransformersPagedEngine(Engine):
         return raw
 
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
-        with self._manager(options, options.max_tokens) as manager:
+        with self._manager(options, options.max_tokens, [prompt]) as manager:
             rid = manager.add_request(prompt, request_id=self._next_id(), max_new_tokens=options.max_tokens,
                                       streaming=True)
             sent = 0
