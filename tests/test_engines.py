@@ -116,3 +116,17 @@ def test_tiny_models_agree_across_engines():
             with wb.load(engine, model=model, max_model_len=512) as e:
                 outs.append(e.generate(["The quick brown fox"], max_tokens=8, temperature=0, chat=False)[0].token_ids)
         assert outs[0] == outs[1], model
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed")
+def test_closing_or_dropping_one_vllm_engine_keeps_the_others_working(load_shared):
+    shared = load_shared("vllm")
+    closed = wb.load("vllm", model="tiny-llama", max_model_len=512)
+    closed.close()
+    dropped = wb.load("vllm", model="tiny-qwen2", max_model_len=512)
+    dropped.generate(["Hi"], max_tokens=2, chat=False)
+    del dropped  # garbage collection shuts its engine core down too
+    import gc
+
+    gc.collect()
+    assert "Paris" in shared.generate([QUESTION], max_tokens=16, temperature=0)[0].text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,27 @@ _OPTION_TO_VLLM = {
     "distributed_executor_backend": "distributed_executor_backend",
     "seed": "seed",
 }
+
+
+# Every in-process vLLM engine shares one process-wide distributed state (parallel groups), and vLLM tears it down
+# whenever any engine core shuts down, even by garbage collection, breaking the engines still open. Teardown is
+# kept for the last open engine.
+_open_engines: weakref.WeakSet = weakref.WeakSet()
+
+
+def _keep_shared_state_while_engines_are_open() -> None:
+    import vllm.v1.engine.core as core
+
+    if getattr(core.cleanup_dist_env_and_memory, "_workbench", False):
+        return
+    original = core.cleanup_dist_env_and_memory
+
+    def cleanup_when_last(*args, **kwargs):
+        if not _open_engines:
+            original(*args, **kwargs)
+
+    cleanup_when_last._workbench = True
+    core.cleanup_dist_env_and_memory = cleanup_when_last
 
 
 def vllm_version() -> str:
@@ -91,8 +113,10 @@ class VLLMEngine(Engine):
             kwargs.setdefault("gpu_memory_utilization", 0.5)
             if "kv_cache_memory_bytes" not in kwargs and "num_gpu_blocks_override" not in kwargs:
                 kwargs["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_BYTES
+        _keep_shared_state_while_engines_are_open()
         self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_model_len=self.max_model_len,
                        disable_log_stats=False, **kwargs)
+        _open_engines.add(self)
         self.llm_engine = self.llm.llm_engine
         self._counter = 0
 
@@ -105,6 +129,7 @@ class VLLMEngine(Engine):
                           params, params * itemsize, self.max_model_len, dict(self.options))
 
     def _release(self) -> None:
+        _open_engines.discard(self)
         engine_core = getattr(self.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
