@@ -9,11 +9,13 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
 from workbench.models import ResolvedModel
+from workbench.trace import CacheFacts, StepSnapshot, Trace, TraceRecorder, TraceRequest
 from workbench.types import EngineInfo, GenerationResult, RequestMetrics, SamplingOptions
+from workbench.workload import Request, as_requests
 
 
 @dataclass
@@ -81,6 +83,25 @@ class Engine(ABC):
     def _release(self) -> None:
         """Free the engine's memory (called once from close)."""
 
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+             recorder: TraceRecorder) -> list[RawOutput]:
+        """Serve requests arriving over time (seconds after the start), snapshotting the engine after each step.
+        Token times are seconds since the start of the run."""
+        raise WorkbenchError(f"engine {self.name!r} does not record step traces yet: use generate().")
+
+    def _cache_facts(self) -> CacheFacts:
+        """How this engine lays out its KV cache."""
+        raise WorkbenchError(f"engine {self.name!r} does not record step traces yet: use generate().")
+
+    def _kv_shape(self) -> tuple[int, int, int, int]:
+        """(layers, KV heads, head dim, bytes per element) of the model, from its config."""
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        itemsize = 2 if self.dtype in ("float16", "fp16", "bfloat16", "bf16") else 4
+        return cfg.num_hidden_layers, kv_heads, head_dim, itemsize
+
     # ---- public API ------------------------------------------------------------------------------------------
     @property
     def info(self) -> EngineInfo:
@@ -140,6 +161,38 @@ class Engine(ABC):
         fitted = self._fit_to_context(ids, options)
         return self._stream_text(ids, fitted)
 
+    def run(self, requests: Sequence[Request | str], record: bool = True,
+            on_step: Callable[[StepSnapshot], None] | None = None) -> Trace:
+        """Serve `requests` as they arrive (each its own `arrival_s`) and return a `Trace` of every engine step.
+
+        `on_step` is called with each snapshot as soon as it is taken (live views hang on it); `record=False` keeps
+        no snapshots. Results are in `trace.results`, in request order, timed from each request's arrival.
+
+        >>> from workbench.workload import make_workload
+        >>> trace = engine.run(make_workload(n=8, shared_prefix_tokens=64, rate=4.0))      # doctest: +SKIP
+        """
+        self._check_open()
+        items = as_requests(requests)
+        if not items:
+            raise InvalidRequestError("the request list is empty: give at least one request.")
+        prompts, options = [], []
+        for request in items:
+            opts = SamplingOptions(request.max_tokens, request.temperature, request.top_p, request.top_k,
+                                   request.seed, request.stop, request.ignore_eos)
+            ids = self._encode(request.prompt, request.chat, request.system)
+            prompts.append(ids)
+            options.append(self._fit_to_context(ids, opts))
+        trace = Trace(self.name, self.model.name, self._cache_facts(),
+                      [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s))
+                       for i, (ids, opts, r) in enumerate(zip(prompts, options, items))])
+        recorder = TraceRecorder(trace, record, on_step)
+        with self._busy():
+            raw = self._run(prompts, options, [float(r.arrival_s) for r in items], recorder)
+        for request, ids, out, opts in zip(items, prompts, raw, options):
+            out.token_times = [t - request.arrival_s for t in out.token_times]
+            trace.results.append(self._result(request.prompt, ids, out, opts.stop, 0.0))
+        return trace
+
     def close(self) -> None:
         """Free the engine's memory. The engine cannot be used afterwards; load a new one."""
         if not self._closed:
@@ -185,15 +238,16 @@ class Engine(ABC):
                 raise InvalidRequestError(f"prompt {i} is a {type(text).__name__}, not a string.")
         return texts
 
-    def _encode(self, text: str, chat: bool) -> list[int]:
+    def _encode(self, text: str, chat: bool, system: str | None = None) -> list[int]:
         if chat:
             if not self.tokenizer.chat_template:
                 raise InvalidRequestError(f"model {self.model.name!r} has no chat template: pass chat=False.")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": text})
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
         else:
-            ids = self.tokenizer(text).input_ids
+            ids = self.tokenizer((system + "\n" if system else "") + text).input_ids
         ids = list(ids)
         if not ids:
             raise InvalidRequestError("a prompt is empty: with chat=False every prompt needs some text.")
@@ -262,3 +316,13 @@ def finish_from_eos(token_ids: list[int], eos_ids: set[int], max_tokens: int) ->
         if tok in eos_ids:
             return token_ids[: i + 1], "stop"
     return token_ids, "length" if len(token_ids) >= max_tokens else "stop"
+
+
+def process_memory() -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes) of this process."""
+    import resource
+
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return psutil.Process().memory_info().rss, peak

@@ -47,7 +47,7 @@ def generation_config(options: SamplingOptions, eos_ids: list[int], pad_id: int,
         temperature=options.temperature if sample else None,
         top_p=options.top_p if sample else None,
         top_k=options.top_k if sample else None,
-        eos_token_id=eos_ids,
+        eos_token_id=None if options.ignore_eos else eos_ids,
         pad_token_id=pad_id,
         stop_strings=list(options.stop) or None,
     )

@@ -107,7 +107,8 @@ class TransformersEngine(Engine):
                 if self.pad_id not in self.eos_ids:  # rows that ended early are padded to the batch's length
                     while tokens and tokens[-1] == self.pad_id:
                         tokens.pop()
-                tokens, finish = finish_from_eos(tokens, set(self.eos_ids), row_opts.max_tokens)
+                eos = set() if row_opts.ignore_eos else set(self.eos_ids)
+                tokens, finish = finish_from_eos(tokens, eos, row_opts.max_tokens)
                 outputs.append(RawOutput(tokens, finish, clock.times[: len(tokens)]))
         return outputs
 

@@ -14,8 +14,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
 
-from workbench.engines.base import Engine, RawOutput
+from workbench.engines.arrivals import RunClock
+from workbench.engines.base import Engine, RawOutput, process_memory
 from workbench.errors import UnsupportedOptionError
+from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot,
+                             RequestSnapshot, StepSnapshot, TraceRecorder)
 from workbench.types import EngineInfo, SamplingOptions
 
 # vLLM reads these when it is imported: they must be set before.
@@ -114,8 +117,12 @@ class VLLMEngine(Engine):
             if "kv_cache_memory_bytes" not in kwargs and "num_gpu_blocks_override" not in kwargs:
                 kwargs["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_BYTES
         _keep_shared_state_while_engines_are_open()
-        self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_model_len=self.max_model_len,
-                       disable_log_stats=False, **kwargs)
+        try:
+            self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_model_len=self.max_model_len,
+                           disable_log_stats=False, **kwargs)
+        except ValueError as exc:  # vLLM's own check of the options (cache too small for max_model_len, ...)
+            message = str(exc).split(". See ")[0]
+            raise UnsupportedOptionError(f"vLLM refused these options: {message}") from None
         _open_engines.add(self)
         self.llm_engine = self.llm.llm_engine
         self._counter = 0
@@ -153,18 +160,20 @@ class VLLMEngine(Engine):
             top_k=options.top_k,
             seed=options.seed,
             stop=list(options.stop) or None,
+            ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def _add(self, prompt: list[int], options: SamplingOptions) -> str:
+    def _add(self, prompt: list[int], options: SamplingOptions) -> tuple[str, str]:
+        """Submit a request; returns its id in outputs and vLLM's internal id (the scheduler's key)."""
         self._counter += 1
         rid = f"wb-{self._counter}"
-        self.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, self._sampling_params(options))
-        return rid
+        internal = self.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, self._sampling_params(options))
+        return rid, internal
 
     def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
         start = time.perf_counter()
-        index = {self._add(p, o): i for i, (p, o) in enumerate(zip(prompts, options))}
+        index = {self._add(p, o)[0]: i for i, (p, o) in enumerate(zip(prompts, options))}
         raw = [RawOutput([], "length") for _ in prompts]
         pending = set(index)
         try:
@@ -187,7 +196,7 @@ class VLLMEngine(Engine):
         return raw
 
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
-        rid = self._add(prompt, options)
+        rid, _ = self._add(prompt, options)
         finished = False
         try:
             while not finished:
@@ -199,3 +208,129 @@ class VLLMEngine(Engine):
         finally:
             if not finished:
                 self.llm_engine.abort_request([rid])
+
+    # ---- step traces ---------------------------------------------------------------------------------------------
+    def _cache_facts(self) -> CacheFacts:
+        layers, kv_heads, head_dim, itemsize = self._kv_shape()
+        block_size = self.scheduler.kv_cache_manager.block_pool.hash_block_size or self.scheduler.block_size
+        return CacheFacts(paged=True, block_size=block_size,
+                          num_blocks=self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
+                          bytes_per_block=2 * layers * kv_heads * head_dim * itemsize * block_size,
+                          num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype,
+                          weight_bytes=self.info.weight_bytes, max_model_len=self.max_model_len)
+
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+             recorder: TraceRecorder) -> list[RawOutput]:
+        scheduler = self.scheduler
+        names = [r.request_id for r in recorder.trace.requests]
+        raw = [RawOutput([], "length") for _ in prompts]
+        external: dict[str, int] = {}  # id in outputs -> request index
+        internal: dict[int, str] = {}  # request index -> the scheduler's id
+        finished: set[int] = set()
+        preemptions: dict[int, int] = {}
+        cached: dict[int, int] = {}
+        before = self._engine_counters()
+        # vLLM keeps no SchedulerOutput after a step; wrap this scheduler's `schedule` to see what each step ran.
+        seen: dict = {}
+        original_schedule = scheduler.schedule
+
+        def schedule_and_keep(*args, **kwargs):
+            seen["output"] = out = original_schedule(*args, **kwargs)
+            return out
+
+        scheduler.schedule = schedule_and_keep
+        clock = RunClock(arrivals)
+        step = 0
+        try:
+            while len(finished) < len(prompts):
+                for i in clock.arrived():
+                    rid, internal[i] = self._add(prompts[i], options[i])
+                    external[rid] = i
+                if len(internal) == len(finished):  # nothing in flight: wait for the next arrival
+                    clock.wait_for_next()
+                    continue
+                computed_before = {i: scheduler.requests[rid].num_computed_tokens
+                                   for i, rid in internal.items() if rid in scheduler.requests}
+                seen.clear()
+                outputs = self.llm_engine.step()
+                now = clock.now()
+                just_finished = set()
+                for out in outputs:
+                    i = external.get(out.request_id)
+                    if i is None or i in finished:
+                        continue
+                    completion = out.outputs[0]
+                    raw[i].token_ids.extend(completion.token_ids)
+                    raw[i].token_times.extend([now] * len(completion.token_ids))
+                    cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
+                    if out.finished:
+                        raw[i].finish_reason = completion.finish_reason or "stop"
+                        just_finished.add(i)
+                if recorder.wanted:
+                    scheduled = seen["output"].num_scheduled_tokens if "output" in seen else {}
+                    snaps = []
+                    for i, rid in internal.items():
+                        if i in finished:
+                            continue
+                        request = scheduler.requests.get(rid)
+                        if request is not None:
+                            preemptions[i] = request.num_preemptions
+                        snaps.append(recorder.dedupe(self._request_snapshot(
+                            names[i], request, i in just_finished, scheduled.get(rid, 0), computed_before.get(i, 0),
+                            len(prompts[i]) + len(raw[i].token_ids), len(raw[i].token_ids), cached.get(i, 0))))
+                    recorder.add(StepSnapshot(
+                        step, now, tuple(snaps), self._block_states(), self._memory(recorder.trace.facts),
+                        {"kv_usage": scheduler.kv_cache_manager.usage, "preemptions": sum(preemptions.values()),
+                         "prefix_cache_hit_tokens": sum(cached.values())}))
+                finished |= just_finished
+                step += 1
+        finally:
+            del scheduler.schedule  # back to the class's own method
+            unfinished = [rid for rid, i in external.items() if i not in finished]
+            if unfinished:
+                self.llm_engine.abort_request(unfinished)
+        after = self._engine_counters()
+        recorder.trace.engine_counters = {name: value - before.get(name, 0) for name, value in after.items()}
+        return raw
+
+    def _request_snapshot(self, name: str, request, just_finished: bool, scheduled: int, computed_before: int,
+                          total_tokens: int, output_tokens: int, cached: int) -> RequestSnapshot:
+        from vllm.v1.request import RequestStatus
+
+        if request is None or just_finished:
+            return RequestSnapshot(name, "finished", scheduled, total_tokens, output_tokens, (), cached)
+        if request.status == RequestStatus.PREEMPTED:
+            state = "preempted"
+        elif scheduled == 0:
+            state = "decode" if request.status == RequestStatus.RUNNING else "waiting"
+        elif computed_before < request.num_prompt_tokens or scheduled > 1:
+            state = "prefill"  # a first prefill, or the recomputation of a resumed request
+        else:
+            state = "decode"
+        blocks = self.scheduler.kv_cache_manager.get_block_ids(request.request_id)[0]
+        return RequestSnapshot(name, state, scheduled, request.num_computed_tokens, output_tokens,
+                               tuple(blocks), cached)
+
+    def _block_states(self) -> str:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return "".join(
+            BLOCK_RESERVED if block.is_null else BLOCK_USED if block.ref_cnt > 0
+            else BLOCK_CACHED if block.block_hash is not None else BLOCK_FREE
+            for block in pool.blocks
+        )
+
+    def _memory(self, facts: CacheFacts) -> MemorySnapshot:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # the null block is never free
+        return MemorySnapshot(facts.weight_bytes, facts.num_blocks * facts.bytes_per_block,
+                              used * facts.bytes_per_block, *process_memory())
+
+    def _engine_counters(self) -> dict[str, float]:
+        """vLLM's own Prometheus counters (process-wide totals; a run reports their difference)."""
+        wanted = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries",
+                  "vllm:generation_tokens", "vllm:prompt_tokens")
+        totals: dict[str, float] = {}
+        for metric in self.llm.get_metrics():
+            if metric.name in wanted and hasattr(metric, "value"):
+                totals[metric.name] = totals.get(metric.name, 0) + metric.value
+        return totals

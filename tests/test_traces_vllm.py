@@ -1,0 +1,108 @@
+"""Step traces from real vLLM with the bundled model: prefix sharing, preemption, continuous batching, block counts."""
+
+from __future__ import annotations
+
+import pytest
+
+import workbench as wb
+from conftest import HAVE_VLLM
+from workbench.analysis import kv_waste
+from workbench.trace import BLOCK_USED, Trace
+from workbench.workload import Request, make_workload
+
+pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed")
+
+SYSTEM = ("You are a patient teacher of computer systems. You explain how inference engines keep the keys and "
+          "values of earlier tokens in a cache split into fixed-size blocks, how requests share blocks when their "
+          "prompts begin the same way, and how a scheduler admits new requests between steps. ") * 2
+
+
+@pytest.fixture(scope="module")
+def small_cache():
+    """vLLM with 20 blocks of 32 tokens: small enough for 8 requests x 150 tokens to force preemption."""
+    with wb.load("vllm", model="smollm2-135m", num_blocks=20, block_size=32, max_model_len=512) as engine:
+        yield engine
+
+
+def test_shared_system_prompt_shares_physical_blocks(small_cache):
+    requests = [Request("What is a block?", system=SYSTEM, max_tokens=8),
+                Request("What is a scheduler?", system=SYSTEM, max_tokens=8, arrival_s=0.3)]
+    trace = small_cache.run(requests)
+    both = [s for s in trace.steps if {"r0", "r1"} <= {r.request_id for r in s.requests if r.block_ids}]
+    assert both, "the two requests never held blocks at the same step"
+    r0, r1 = both[0].request("r0"), both[0].request("r1")
+    shared = [b for b in r0.block_ids if b in r1.block_ids]
+    assert len(shared) >= 2 and r0.block_ids[: len(shared)] == r1.block_ids[: len(shared)]  # the first blocks
+    assert all(len(owners) == 2 for block, owners in both[0].block_owners().items() if block in shared)
+    assert trace.blocks_df(trace.steps.index(both[0])).query("shared").shape[0] == len(shared)
+    assert trace.requests_df().set_index("request_id").loc["r1", "cached_tokens"] >= 2 * 32
+    assert trace.engine_counters["vllm:prefix_cache_hits"] == trace.steps[-1].counters["prefix_cache_hit_tokens"]
+
+
+def test_small_cache_preempts_and_resumes_and_counts_match_vllm(small_cache):
+    trace = small_cache.run(make_workload(n=8, output_tokens=150, prompt_words=(20, 30), seed=1))
+    preemptions = trace.steps[-1].counters["preemptions"]
+    assert preemptions > 0
+    assert preemptions == trace.engine_counters["vllm:num_preemptions"]
+    per_request = trace.requests_df()
+    assert per_request["preemptions"].sum() == preemptions
+    resumed = per_request[per_request["preemptions"] > 0]["request_id"].iloc[0]
+    states = [s.request(resumed).state for s in trace.steps if s.request(resumed)]
+    first_preempted = states.index("preempted")
+    assert "prefill" in states[first_preempted:] and states[-1] == "finished"  # it came back and finished
+    assert all(len(r.token_ids) == 150 for r in trace.results)
+
+
+def test_late_request_joins_the_running_batch(small_cache):
+    requests = [Request("Count from one to forty.", max_tokens=60, ignore_eos=True),
+                Request("Name three colors.", max_tokens=8, arrival_s=1.0, ignore_eos=True)]
+    trace = small_cache.run(requests)
+    joined = next(s for s in trace.steps if s.request("r1") and s.request("r1").state == "prefill")
+    assert joined.step > 0
+    assert joined.request("r0").state == "decode"  # r0 was mid-decode and kept going in the same step
+    assert joined.time_s >= 1.0
+    assert trace.results[1].metrics.ttft_s < 1.0  # timed from its own arrival, not from the run's start
+
+
+def test_blocks_in_use_match_the_engine_at_every_step(small_cache):
+    checked = []
+
+    def check(snapshot):
+        pool = small_cache.scheduler.kv_cache_manager.block_pool
+        engine_used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+        held = {b for r in snapshot.requests if r.state not in ("finished",) for b in r.block_ids}
+        used = {i for i, c in enumerate(snapshot.blocks) if c == BLOCK_USED}
+        checked.append((snapshot.blocks_used, engine_used, held == used))
+
+    trace = small_cache.run(make_workload(n=6, output_tokens=(20, 60), shared_prefix_tokens=60, rate=8.0, seed=2),
+                            on_step=check)
+    assert len(checked) == len(trace.steps) > 10
+    assert all(ours == theirs and same for ours, theirs, same in checked)
+    assert max(theirs for _, theirs, _ in checked) > 3
+
+
+def test_saved_trace_loads_back_equal(small_cache, tmp_path):
+    trace = small_cache.run(make_workload(n=3, output_tokens=10, shared_prefix_tokens=40, seed=3))
+    path = trace.save(tmp_path / "trace.jsonl")
+    loaded = Trace.load(path)
+    assert loaded == trace
+    assert loaded.steps_df().equals(trace.steps_df())
+    assert not trace.request_steps_df().empty
+
+
+def test_record_false_keeps_no_steps_but_calls_on_step(small_cache):
+    seen = []
+    trace = small_cache.run(["Hi there"], record=False, on_step=seen.append)
+    assert trace.steps == [] and len(seen) >= 1 and trace.results[0].text
+
+
+def test_waste_analysis_from_real_lengths(small_cache):
+    trace = small_cache.run(make_workload(n=4, output_tokens=(10, 40), seed=4))
+    table = kv_waste(trace).set_index("scheme")
+    lengths = [q.prompt_tokens + len(r.token_ids) for q, r in zip(trace.requests, trace.results)]
+    assert table.loc["exact per sequence", "reserved_tokens"] == sum(lengths)
+    assert table.loc["paged, block 16", "reserved_tokens"] == sum(-(-n // 16) * 16 for n in lengths)
+    waste = table["waste_pct"]
+    assert waste["exact per sequence"] == 0
+    assert waste["paged, block 16"] <= waste["paged, block 32"] <= waste["paged, block 64"] <= waste["paged, block 128"]
+    assert waste["paged, block 128"] < waste["contiguous, max context (512)"]

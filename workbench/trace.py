@@ -1,0 +1,253 @@
+"""Traces: the engine's real state after every scheduler step, saved to one file and read as DataFrames.
+
+A `Trace` holds the cache's static facts, the requests, one `StepSnapshot` per step and the results. Data flows one
+way: an engine adapter fills a trace; views and analyses only read it.
+
+>>> trace = engine.run(make_workload(n=8, shared_prefix_tokens=200))      # doctest: +SKIP
+>>> trace.steps_df()[["step", "running", "blocks_used"]].tail()           # doctest: +SKIP
+>>> trace.save("run.jsonl"); Trace.load("run.jsonl") == trace             # doctest: +SKIP
+True
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+from workbench.types import GenerationResult, RequestMetrics
+
+STATES = ("waiting", "prefill", "decode", "preempted", "finished")
+
+# One character per physical block in `StepSnapshot.blocks`.
+BLOCK_FREE, BLOCK_CACHED, BLOCK_USED, BLOCK_RESERVED = ".", "c", "u", "x"
+
+
+@dataclass(frozen=True)
+class CacheFacts:
+    """What does not change during a run: how the KV cache is laid out."""
+
+    paged: bool
+    block_size: int  # tokens per block (1 for a contiguous cache: a "block" is a token slot)
+    num_blocks: int
+    bytes_per_block: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    weight_bytes: int
+    max_model_len: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """A request as it was submitted."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSnapshot:
+    """One request after one step. Unchanged snapshots are shared between steps, which keeps long traces small."""
+
+    request_id: str
+    state: str
+    scheduled_tokens: int  # tokens computed for it in this step
+    computed_tokens: int  # tokens whose keys and values are in the cache after this step
+    output_tokens: int
+    block_ids: tuple[int, ...]  # its block table: logical block i is physical block block_ids[i]
+    cached_tokens: int  # prompt tokens served from the prefix cache
+    padding_tokens: int = 0  # slots a static batch spends on padding for it
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    weights_bytes: int
+    kv_reserved_bytes: int
+    kv_used_bytes: int
+    process_rss_bytes: int
+    process_peak_bytes: int
+
+
+@dataclass(frozen=True)
+class StepSnapshot:
+    step: int
+    time_s: float
+    requests: tuple[RequestSnapshot, ...]
+    blocks: str  # one character per physical block: "." free, "c" cached and evictable, "u" in use, "x" reserved
+    memory: MemorySnapshot
+    counters: dict = field(default_factory=dict)
+
+    def request(self, request_id: str) -> RequestSnapshot | None:
+        return next((r for r in self.requests if r.request_id == request_id), None)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.blocks.count(BLOCK_USED)
+
+    def block_owners(self) -> dict[int, list[str]]:
+        """Physical block id -> the requests whose block tables hold it (more than one: a shared prefix)."""
+        owners: dict[int, list[str]] = {}
+        for r in self.requests:
+            for block in r.block_ids:
+                owners.setdefault(block, []).append(r.request_id)
+        return owners
+
+
+@dataclass
+class Trace:
+    """A recorded run of one engine."""
+
+    engine: str
+    model: str
+    facts: CacheFacts
+    requests: list[TraceRequest]
+    steps: list[StepSnapshot] = field(default_factory=list)
+    results: list[GenerationResult] = field(default_factory=list)
+    engine_counters: dict = field(default_factory=dict)  # the engine's own totals for the run, where it has them
+
+    # ---- saving and loading (JSON lines: a header, then one line per step) -----------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the trace to one JSON-lines file."""
+        path = Path(path)
+        with path.open("w", encoding="utf-8") as f:
+            header = {"engine": self.engine, "model": self.model, "facts": asdict(self.facts),
+                      "requests": [asdict(r) for r in self.requests], "results": [asdict(r) for r in self.results],
+                      "engine_counters": self.engine_counters}
+            f.write(json.dumps(header) + "\n")
+            for step in self.steps:
+                f.write(json.dumps(_step_to_json(step)) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        """Read a trace written by `save`."""
+        with Path(path).open(encoding="utf-8") as f:
+            header = json.loads(f.readline())
+            steps = [_step_from_json(json.loads(line)) for line in f if line.strip()]
+        results = [GenerationResult(**{**r, "metrics": RequestMetrics(**r["metrics"])}) for r in header["results"]]
+        return cls(header["engine"], header["model"], CacheFacts(**header["facts"]),
+                   [TraceRequest(**r) for r in header["requests"]], steps, results, header["engine_counters"])
+
+    # ---- DataFrames -------------------------------------------------------------------------------------------
+    def steps_df(self):
+        """One row per step: batch composition, tokens, blocks, memory and counters."""
+        import pandas as pd
+
+        rows = []
+        for s in self.steps:
+            states = [r.state for r in s.requests]
+            row = {"step": s.step, "time_s": s.time_s,
+                   **{state: states.count(state) for state in STATES},
+                   "running": states.count("prefill") + states.count("decode"),
+                   "scheduled_tokens": sum(r.scheduled_tokens for r in s.requests),
+                   "padding_tokens": sum(r.padding_tokens for r in s.requests),
+                   "blocks_used": s.blocks.count(BLOCK_USED), "blocks_cached": s.blocks.count(BLOCK_CACHED),
+                   "blocks_free": s.blocks.count(BLOCK_FREE), **asdict(s.memory), **s.counters}
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def request_steps_df(self):
+        """One row per request per step (long form): what the batching timeline draws."""
+        import pandas as pd
+
+        return pd.DataFrame([{"step": s.step, "time_s": s.time_s, **{f.name: getattr(r, f.name)
+                                                                     for f in fields(RequestSnapshot)},
+                              "num_blocks": len(r.block_ids)}
+                             for s in self.steps for r in s.requests])
+
+    def requests_df(self):
+        """One row per request: arrival, lengths, when it was first scheduled and finished, preemptions, timings."""
+        import pandas as pd
+
+        first, last, cached, preemptions, previous = {}, {}, {}, {}, {}
+        for s in self.steps:
+            for r in s.requests:
+                rid = r.request_id
+                if r.state in ("prefill", "decode"):
+                    first.setdefault(rid, s.step)
+                elif r.state == "finished":
+                    last[rid] = s.step
+                elif r.state == "preempted" and previous.get(rid) != "preempted":
+                    preemptions[rid] = preemptions.get(rid, 0) + 1
+                previous[rid] = r.state
+                cached[rid] = max(cached.get(rid, 0), r.cached_tokens)
+        by_id = {res_id: res for res_id, res in zip((q.request_id for q in self.requests), self.results)}
+        rows = []
+        for q in self.requests:
+            res = by_id.get(q.request_id)
+            rows.append({**asdict(q), "first_step": first.get(q.request_id), "finish_step": last.get(q.request_id),
+                         "preemptions": preemptions.get(q.request_id, 0),
+                         "cached_tokens": cached.get(q.request_id, 0),
+                         "output_tokens": len(res.token_ids) if res else None,
+                         "ttft_s": res.metrics.ttft_s if res else None,
+                         "tpot_s": res.metrics.tpot_s if res else None,
+                         "finish_reason": res.finish_reason if res else None})
+        return pd.DataFrame(rows)
+
+    def blocks_df(self, step: int = -1):
+        """One row per physical block at one step: its state and the requests holding it."""
+        import pandas as pd
+
+        s = self.steps[step]
+        owners = s.block_owners()
+        names = {BLOCK_FREE: "free", BLOCK_CACHED: "cached", BLOCK_USED: "used", BLOCK_RESERVED: "reserved"}
+        return pd.DataFrame([{"block_id": i, "state": names[c], "owners": owners.get(i, []),
+                              "shared": len(owners.get(i, [])) > 1} for i, c in enumerate(s.blocks)])
+
+
+def _step_to_json(step: StepSnapshot) -> dict:
+    return {"step": step.step, "time_s": step.time_s, "blocks": step.blocks, "memory": asdict(step.memory),
+            "counters": step.counters,
+            "requests": [[getattr(r, f.name) for f in fields(RequestSnapshot)] for r in step.requests]}
+
+
+def _step_from_json(data: dict) -> StepSnapshot:
+    names = [f.name for f in fields(RequestSnapshot)]
+    requests = []
+    for values in data["requests"]:
+        kwargs = dict(zip(names, values))
+        kwargs["block_ids"] = tuple(kwargs["block_ids"])
+        requests.append(RequestSnapshot(**kwargs))
+    return StepSnapshot(data["step"], data["time_s"], tuple(requests), data["blocks"],
+                        MemorySnapshot(**data["memory"]), data["counters"])
+
+
+class TraceRecorder:
+    """Collects snapshots as an adapter takes them: keeps them when recording, passes each to `on_step`.
+
+    Reuses the previous step's `RequestSnapshot` when a request did not change (a waiting request, typically), so
+    a long queue costs a pointer per step, not an object.
+    """
+
+    def __init__(self, trace: Trace, record: bool = True, on_step: Callable[[StepSnapshot], None] | None = None):
+        self.trace = trace
+        self.record = record
+        self.on_step = on_step
+        self._previous: dict[str, RequestSnapshot] = {}
+
+    @property
+    def wanted(self) -> bool:
+        """Whether taking a snapshot is worth it at all."""
+        return self.record or self.on_step is not None
+
+    def dedupe(self, snapshot: RequestSnapshot) -> RequestSnapshot:
+        previous = self._previous.get(snapshot.request_id)
+        if previous == snapshot:
+            return previous
+        self._previous[snapshot.request_id] = snapshot
+        return snapshot
+
+    def add(self, step: StepSnapshot) -> None:
+        if self.record:
+            self.trace.steps.append(step)
+        if self.on_step is not None:
+            self.on_step(step)
