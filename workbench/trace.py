@@ -175,7 +175,7 @@ class Trace:
                 if r.state in ("prefill", "decode"):
                     first.setdefault(rid, s.step)
                 elif r.state == "finished":
-                    last[rid] = s.step
+                    last.setdefault(rid, s.step)
                 elif r.state == "preempted" and previous.get(rid) != "preempted":
                     preemptions[rid] = preemptions.get(rid, 0) + 1
                 previous[rid] = r.state

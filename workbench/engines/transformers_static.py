@@ -11,8 +11,10 @@ import threading
 import time
 from typing import Iterator
 
-from workbench.engines.base import Engine, RawOutput, finish_from_eos
+from workbench.engines.arrivals import RunClock
+from workbench.engines.base import Engine, RawOutput, finish_from_eos, process_memory
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
+from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
 from workbench.types import EngineInfo, SamplingOptions
 
 
@@ -47,6 +49,65 @@ class _TokenQueue:
 
     def end(self) -> None:
         self.queue.put(None)
+
+
+class _BatchSteps:
+    """A stopping criterion that snapshots a static batch after each decoding step (it never stops generation).
+
+    The cache is contiguous: every row holds the batch's padded width plus one slot per step, so left padding and
+    the steps a finished row keeps riding along are counted as padding (waste).
+    """
+
+    def __init__(self, engine: TransformersEngine, batch: list[int], width: int, prompts: list[list[int]],
+                 options: list[SamplingOptions], queue: list[int], clock: RunClock, recorder: TraceRecorder,
+                 first_step: int) -> None:
+        self.engine, self.batch, self.width = engine, batch, width
+        self.prompts, self.options, self.queue, self.clock, self.recorder = prompts, options, queue, clock, recorder
+        self.names = [r.request_id for r in recorder.trace.requests]
+        self.step = first_step
+        self.times: list[float] = []
+        self.finished_at: dict[int, int] = {}  # request index -> number of tokens it really produced
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        now = self.clock.now()
+        self.times.append(now)
+        k = input_ids.shape[1] - self.width  # tokens generated so far
+        last = input_ids[:, -1].tolist()
+        for row, i in enumerate(self.batch):
+            ended = (not self.options[i].ignore_eos and last[row] in self.engine.eos_ids) \
+                or k >= self.options[i].max_tokens
+            if ended and i not in self.finished_at:
+                self.finished_at[i] = k
+        self.queue.extend(self.clock.arrived())  # requests arriving now wait for the next batch
+        if self.recorder.wanted:
+            self._snapshot(k, now)
+        self.step += 1
+        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+    def _snapshot(self, k: int, now: float) -> None:
+        facts = self.recorder.trace.facts
+        snaps, real_tokens = [], 0
+        for i in self.batch:
+            produced = min(k, self.finished_at.get(i, k))
+            done_since = self.finished_at.get(i)
+            state = "prefill" if k == 1 else "decode"
+            if done_since is not None and done_since < k:
+                state = "finished"  # still occupies its row until the whole batch ends
+            elif done_since == k:
+                state = "finished"
+            padding = (self.width - len(self.prompts[i])) + (k - done_since if done_since is not None else 0)
+            real_tokens += len(self.prompts[i]) + min(produced, k - 1)  # the newest token has no KV yet
+            snaps.append(self.recorder.dedupe(RequestSnapshot(
+                self.names[i], state, self.width if k == 1 else 1, self.width + k - 1, produced, (), 0, padding)))
+        for i in self.queue:
+            snaps.append(self.recorder.dedupe(RequestSnapshot(self.names[i], "waiting", 0, 0, 0, (), 0)))
+        slots = len(self.batch) * (self.width + k - 1)
+        memory = MemorySnapshot(facts.weight_bytes, slots * facts.bytes_per_token,
+                                real_tokens * facts.bytes_per_token, *process_memory())
+        self.recorder.add(StepSnapshot(self.step, now, tuple(snaps), "", memory,
+                                       {"batch_rows": len(self.batch), "padded_width": self.width}))
 
 
 class TransformersEngine(Engine):
@@ -145,3 +206,45 @@ class TransformersEngine(Engine):
         finally:
             abort.set()  # the stopping criterion ends generate at its next step
             worker.join()
+
+    # ---- step traces ---------------------------------------------------------------------------------------------
+    def _cache_facts(self) -> CacheFacts:
+        layers, kv_heads, head_dim, itemsize = self._kv_shape()
+        # A contiguous cache has no blocks: a "block" is one token slot.
+        return CacheFacts(paged=False, block_size=1, num_blocks=0,
+                          bytes_per_block=2 * layers * kv_heads * head_dim * itemsize, num_layers=layers,
+                          num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.info.dtype,
+                          weight_bytes=self.info.weight_bytes, max_model_len=self.max_model_len)
+
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+             recorder: TraceRecorder) -> list[RawOutput]:
+        import torch
+
+        size = self.options.get("max_batch_size") or len(prompts)
+        clock = RunClock(arrivals)
+        raw: list[RawOutput | None] = [None] * len(prompts)
+        queue: list[int] = []
+        step = 0
+        while any(out is None for out in raw):
+            queue.extend(clock.arrived())
+            if not queue:
+                clock.wait_for_next()
+                continue
+            batch = queue[:size]
+            del queue[:size]
+            ids, mask, width = self._batch_inputs([prompts[i] for i in batch])
+            opts = options[batch[0]]  # a static batch shares one sampling setting
+            if opts.seed is not None:
+                torch.manual_seed(opts.seed)
+            steps = _BatchSteps(self, batch, width, prompts, options, queue, clock, recorder, step)
+            with torch.inference_mode():
+                out = self.hf_model.generate(
+                    input_ids=ids, attention_mask=mask, stopping_criteria=[steps],
+                    **self._generate_kwargs(opts, max(options[i].max_tokens for i in batch)))
+            step = steps.step
+            for row, i in enumerate(batch):
+                tokens = out[row, width:].tolist()[: steps.finished_at.get(i, options[i].max_tokens)]
+                eos = set() if options[i].ignore_eos else set(self.eos_ids)
+                tokens, finish = finish_from_eos(tokens, eos, options[i].max_tokens)
+                raw[i] = RawOutput(tokens, finish, steps.times[: len(tokens)])
+        return raw
