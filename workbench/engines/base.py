@@ -324,5 +324,6 @@ def process_memory() -> tuple[int, int]:
 
     import psutil
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return psutil.Process().memory_info().rss, peak
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, and updated lazily
+    return rss, max(rss, peak)

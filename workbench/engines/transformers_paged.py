@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator
 
-from workbench.engines.base import Engine, RawOutput
+from workbench.engines.arrivals import RunClock
+from workbench.engines.base import Engine, RawOutput, process_memory
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
 from workbench.errors import WorkbenchError
+from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot,
+                             StepSnapshot, TraceRecorder)
 from workbench.types import EngineInfo, SamplingOptions
 
 # Where the manager sizes its cache and batches from free GPU memory, a CPU has none to read: bound them ourselves.
@@ -62,17 +66,36 @@ class TransformersPagedEngine(Engine):
         )
 
     @contextmanager
-    def _manager(self, options: SamplingOptions, max_new_tokens: int, prompts: list[list[int]]):
+    def _manager(self, options: SamplingOptions, max_new_tokens: int, prompts: list[list[int]],
+                 on_step=None):
+        """A started manager for this workload; `on_step(batch_processor)` runs in its thread after each step."""
         from transformers.generation.continuous_batching.utils import WorkloadHints
 
         gen = generation_config(options, self.eos_ids, self.pad_id, max_new_tokens)
         # The hints size the batch for this workload, as `generate_batch` does; without them a batch holds fewer.
         hints = WorkloadHints(max(len(p) for p in prompts), max_new_tokens, len(prompts))
-        with self.hf_model.continuous_batching_context_manager(
-            generation_config=gen, continuous_batching_config=self._cb_config(options.seed),
-            block=True, timeout=30, warmup=self.device != "cpu", workload_hints=hints,
-        ) as manager:
+        manager = self.hf_model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=self._cb_config(options.seed), workload_hints=hints)
+        if on_step is not None:
+            # The manager has no per-step callback: wrap this manager's loop body, which runs one step per call.
+            body = manager._generation_loop_body
+
+            def body_then_snapshot(batch_processor, bootstrapping):
+                before = manager.current_batch
+                keep_going = body(batch_processor, bootstrapping)
+                if manager.current_batch != before:
+                    on_step(batch_processor)
+                return keep_going
+
+            manager._generation_loop_body = body_then_snapshot
+        if self.device != "cpu" and not manager.warmed_up:
+            manager.warmup()
+        manager.start()
+        try:
             yield manager
+        finally:
+            manager.stop(block=True, timeout=30)
+            manager.destroy()
 
     def _next_id(self) -> str:
         self._counter += 1
@@ -125,3 +148,118 @@ class TransformersPagedEngine(Engine):
             finally:
                 if not finished:
                     manager.cancel_request(rid)
+
+    # ---- step traces ---------------------------------------------------------------------------------------------
+    def _cache_facts(self) -> CacheFacts:
+        layers, kv_heads, head_dim, itemsize = self._kv_shape()
+        config = self._cb_config(None)
+        # The block count is read from the allocator once the cache exists (the first step); this is the request.
+        return CacheFacts(paged=True, block_size=config.page_size, num_blocks=config.num_blocks or 0,
+                          bytes_per_block=2 * layers * kv_heads * head_dim * itemsize * config.page_size,
+                          num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.info.dtype,
+                          weight_bytes=self.info.weight_bytes, max_model_len=self.max_model_len)
+
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+             recorder: TraceRecorder) -> list[RawOutput]:
+        names = [r.request_id for r in recorder.trace.requests]
+        ids = [f"{self._next_id()}-{name}" for name in names]
+        index = {rid: i for i, rid in enumerate(ids)}
+        clock = RunClock(arrivals)
+        watcher = _PagedSteps(recorder, names, index, clock, [len(p) for p in prompts]) if recorder.wanted else None
+        results = {}
+        max_new = max(o.max_tokens for o in options)
+        with self._manager(options[0], max_new, prompts, watcher) as manager:
+            while len(results) < len(prompts):
+                for i in clock.arrived():
+                    if watcher is not None:
+                        watcher.submitted.add(ids[i])
+                    eos = -1 if options[i].ignore_eos else None
+                    manager.add_request(prompts[i], request_id=ids[i], max_new_tokens=options[i].max_tokens,
+                                        record_timestamps=True, eos_token_id=eos)
+                if len(results) == len(index) - clock.pending and clock.pending:
+                    clock.wait_for_next()  # nothing in flight
+                    continue
+                out = manager.get_result(timeout=0.02)
+                if out is None:
+                    if not manager.is_running():
+                        raise WorkbenchError("transformers continuous batching stopped unexpectedly: see the log.")
+                    continue
+                if out.request_id in index and out.is_finished():
+                    if out.error:
+                        raise WorkbenchError(f"transformers continuous batching failed a request: {out.error}")
+                    results[out.request_id] = out
+        raw = [None] * len(prompts)
+        for rid, out in results.items():
+            i = index[rid]
+            tokens = list(out.generated_tokens)
+            ended_by_eos = not options[i].ignore_eos and tokens and tokens[-1] in self.eos_ids
+            times = [t - clock.start for t in (out.timestamps or [])][: len(tokens)]
+            raw[i] = RawOutput(tokens, "stop" if ended_by_eos else "length", times)
+        return raw
+
+
+class _PagedSteps:
+    """Called in the manager's thread after each step: reads its scheduler and paged cache into a snapshot."""
+
+    def __init__(self, recorder: TraceRecorder, names: list[str], index: dict[str, int], clock: RunClock,
+                 prompt_lengths: list[int]) -> None:
+        self.recorder, self.names, self.index, self.clock = recorder, names, index, clock
+        self.prompt_lengths = prompt_lengths
+        self.submitted: set[str] = set()
+        self.done: set[str] = set()
+        self.was_active: set[str] = set()
+        self.offsets: dict[str, int] = {}
+        self.step = 0
+
+    def __call__(self, batch_processor) -> None:
+        from transformers.generation.continuous_batching.requests import RequestStatus
+
+        now = self.clock.now()
+        scheduler, cache = batch_processor.scheduler, batch_processor.cache
+        allocator = next(iter(cache.cache_allocators.values()))
+        facts = self.recorder.trace.facts
+        if facts.num_blocks != allocator.num_blocks:  # the allocator rounds the request to whole sectors
+            facts = self.recorder.trace.facts = replace(facts, num_blocks=allocator.num_blocks)
+        active, waiting = scheduler.active_requests, scheduler.waiting_requests
+        snaps = []
+        for rid in sorted(self.submitted - self.done, key=self.index.__getitem__):
+            state_obj = active.get(rid) or waiting.get(rid)
+            name = self.names[self.index[rid]]
+            if state_obj is None:  # not queued yet, or just finished (its request left the scheduler)
+                if rid in self.was_active:
+                    self.done.add(rid)
+                    snaps.append(self.recorder.dedupe(RequestSnapshot(
+                        name, "finished", 0, self.offsets.get(rid, 0), 0, (), 0)))
+                else:
+                    snaps.append(self.recorder.dedupe(RequestSnapshot(name, "waiting", 0, 0, 0, (), 0)))
+                continue
+            offset = state_obj.position_offset
+            scheduled = max(0, offset - self.offsets.get(rid, 0))
+            self.offsets[rid] = offset
+            if rid in active and state_obj.status in (RequestStatus.PREFILLING, RequestStatus.DECODING):
+                state = "prefill" if state_obj.status == RequestStatus.PREFILLING or scheduled > 1 else "decode"
+                self.was_active.add(rid)
+            elif rid in self.was_active:
+                state = "preempted"  # sent back to the waiting queue after it had run
+            else:
+                state = "waiting"
+            if state_obj.status == RequestStatus.FINISHED:
+                state = "finished"
+                self.done.add(rid)
+            blocks = tuple(allocator.block_table.get(rid, ()))
+            snaps.append(self.recorder.dedupe(RequestSnapshot(
+                name, state, scheduled, offset, len(state_obj.generated_tokens), blocks, 0)))
+        # Block ids count the pool's reserved (trash) sectors first: those ids are never handed to a request.
+        reserved = cache.pool.num_reserved_sectors * allocator.blocks_per_sector
+        blocks = [BLOCK_RESERVED] * reserved + [BLOCK_FREE] * allocator.num_blocks
+        for block in allocator.ledger.cached_blocks:
+            blocks[block] = BLOCK_CACHED
+        for table in allocator.block_table.values():
+            for block in table:
+                blocks[block] = BLOCK_USED
+        used = sum(1 for b in blocks if b == BLOCK_USED)
+        memory = MemorySnapshot(facts.weight_bytes, allocator.num_blocks * facts.bytes_per_block,
+                                used * facts.bytes_per_block, *process_memory())
+        self.recorder.add(StepSnapshot(self.step, now, tuple(snaps), "".join(blocks), memory,
+                                       {"kv_usage": used / max(1, allocator.num_blocks)}))
+        self.step += 1

@@ -1,0 +1,31 @@
+"""Step traces from HF Transformers continuous batching (its paged cache and scheduler)."""
+
+from __future__ import annotations
+
+import workbench as wb
+from workbench.trace import Trace
+from workbench.workload import Request
+
+
+def test_late_request_joins_the_running_batch_with_its_own_blocks(tmp_path):
+    with wb.load("transformers-paged", model="smollm2-135m") as engine:
+        requests = [Request("Count from one to forty.", max_tokens=30, ignore_eos=True),
+                    Request("Name three colors.", max_tokens=8, arrival_s=1.0, ignore_eos=True)]
+        seen = []
+        trace = engine.run(requests, on_step=seen.append)
+    assert len(seen) == len(trace.steps) >= 30  # one step per token of the longest request, at least
+    joined = next(s for s in trace.steps if s.request("r1") and s.request("r1").state == "prefill")
+    assert joined.step > 0 and joined.time_s >= 1.0
+    assert joined.request("r0").state == "decode"  # r0 kept decoding in the step r1 was prefilled
+    r0, r1 = joined.request("r0"), joined.request("r1")
+    assert r0.block_ids and r1.block_ids and not set(r0.block_ids) & set(r1.block_ids)
+    assert joined.blocks_used == len(r0.block_ids) + len(r1.block_ids)
+    table = trace.requests_df().set_index("request_id")
+    assert table.loc["r1", "finish_step"] < table.loc["r0", "finish_step"]  # it left before r0: no static batch
+    assert [len(r.token_ids) for r in trace.results] == [30, 8]
+    assert trace.results[1].metrics.ttft_s < 1.0  # timed from its own arrival
+    # each request's cache grows by one token per decode step
+    grows = [s.request("r0").computed_tokens for s in trace.steps if s.request("r0")
+             and s.request("r0").state == "decode"]
+    assert all(b - a == 1 for a, b in zip(grows, grows[1:]))
+    assert Trace.load(trace.save(tmp_path / "paged.jsonl")) == trace
