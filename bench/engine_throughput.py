@@ -1,10 +1,10 @@
 """Throughput of each engine through the workbench beside the same engine called directly, in one run.
 
 One workload: 32 chat prompts x 64 new tokens, greedy, the bundled SmolLM2-135M in float32. Each engine is loaded
-once; the workbench call and the direct call use the same loaded model, alternate, and the best of the repeats is
-kept (these machines are noisy: read the ratio, not the absolute numbers).
+once; the workbench call and the direct call use the same loaded model and alternate (neither always first); the
+best of the repeats is kept (these machines are noisy: read the ratio, not the absolute numbers).
 
-    .venv/bin/python bench/engine_throughput.py [--engines vllm transformers ...] [--repeats 2]
+    .venv/bin/python bench/engine_throughput.py [--engines vllm transformers ...] [--repeats 4]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     installed = [s.name for s in wb.engines() if s.installed]
     parser.add_argument("--engines", nargs="+", default=installed)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
 
@@ -91,12 +91,15 @@ def main() -> None:
         prompt_ids = [engine._encode(p, chat=True) for p in PROMPTS]
         engine.generate(PROMPTS[:2], max_tokens=4, temperature=0)  # warm up both paths' first-call costs
         best = {"workbench": 0.0, "direct": 0.0}
-        for _ in range(args.repeats):
-            seconds, tokens = timed(lambda: sum(
-                len(r.token_ids) for r in engine.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0)))
-            best["workbench"] = max(best["workbench"], tokens / seconds)
-            seconds, tokens = timed(lambda: DIRECT[name](engine, prompt_ids))
-            best["direct"] = max(best["direct"], tokens / seconds)
+        calls = {
+            "workbench": lambda: sum(len(r.token_ids)
+                                     for r in engine.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0)),
+            "direct": lambda: DIRECT[name](engine, prompt_ids),
+        }
+        for repeat in range(args.repeats):
+            for mode in (("workbench", "direct") if repeat % 2 == 0 else ("direct", "workbench")):
+                seconds, tokens = timed(calls[mode])
+                best[mode] = max(best[mode], tokens / seconds)
         engine.close()
         rows.append((name, best["workbench"], best["direct"]))
         print(f"{name}: workbench {best['workbench']:.1f} tok/s, direct {best['direct']:.1f} tok/s", flush=True)

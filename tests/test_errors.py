@@ -100,3 +100,26 @@ def test_errors_are_short():
     with pytest.raises(wb.WorkbenchError) as info:
         wb.load("nope")
     assert len(str(info.value).splitlines()) <= 2 and len(str(info.value)) < 300
+
+
+def test_bad_workloads_get_clear_errors(load_shared):
+    from workbench.workload import Request, make_workload
+
+    engine = load_shared("transformers")
+    with pytest.raises(wb.InvalidRequestError, match="request list is empty"):
+        engine.run([])
+    with pytest.raises(wb.InvalidRequestError, match="arrival_s must be a number >= 0"):
+        Request("hi", arrival_s=-1)
+    with pytest.raises(wb.InvalidRequestError, match="rate must be a positive number"):
+        make_workload(n=2, rate=0)
+    with pytest.raises(wb.InvalidRequestError, match="max_tokens must be an integer of at least 1"):
+        engine.run([Request("hi", max_tokens=0)])
+    trace = engine.run(["What is the capital of France?"])
+    assert "Paris" in trace.results[0].text
+
+
+def test_vllm_refusing_options_says_so_briefly():
+    if not HAVE_VLLM:
+        pytest.skip("vllm is not installed")
+    with pytest.raises(wb.UnsupportedOptionError, match="vLLM refused these options"):
+        wb.load("vllm", model="tiny-llama", num_blocks=2, block_size=32)  # 64 tokens cannot hold a 2048 context
