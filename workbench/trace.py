@@ -228,11 +228,20 @@ class TraceRecorder:
     a long queue costs a pointer per step, not an object.
     """
 
-    def __init__(self, trace: Trace, record: bool = True, on_step: Callable[[StepSnapshot], None] | None = None):
+    def __init__(self, trace: Trace | None, record: bool = True,
+                 on_step: Callable[[StepSnapshot], None] | None = None) -> None:
         self.trace = trace
-        self.record = record
+        self.names = [r.request_id for r in trace.requests] if trace is not None else []
+        self.record = record and trace is not None
         self.on_step = on_step
         self._previous: dict[str, RequestSnapshot] = {}
+
+    @classmethod
+    def silent(cls, count: int) -> TraceRecorder:
+        """A recorder that takes nothing: what `generate` hands the adapters."""
+        recorder = cls(None, record=False)
+        recorder.names = [f"r{i}" for i in range(count)]
+        return recorder
 
     @property
     def wanted(self) -> bool:

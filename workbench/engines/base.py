@@ -69,10 +69,6 @@ class Engine(ABC):
         """Load the model into the engine (called once from __init__)."""
 
     @abstractmethod
-    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
-        """Generate for every prompt; `options[i]` is prompt i's, with max_tokens already fitted to the context."""
-
-    @abstractmethod
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
         """Yield new token ids as they come. Closing the iterator must cancel the request in the engine."""
 
@@ -83,15 +79,16 @@ class Engine(ABC):
     def _release(self) -> None:
         """Free the engine's memory (called once from close)."""
 
+    @abstractmethod
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:
-        """Serve requests arriving over time (seconds after the start), snapshotting the engine after each step.
-        Token times are seconds since the start of the run."""
-        raise WorkbenchError(f"engine {self.name!r} does not record step traces yet: use generate().")
+        """Serve every prompt, each arriving at its time (seconds after the start); `options[i]` is prompt i's, with
+        max_tokens already fitted to the context. Snapshot the engine after each step when `recorder.wanted`.
+        Token times are seconds since the start. `generate` is a run where everything arrives at once."""
 
+    @abstractmethod
     def _cache_facts(self) -> CacheFacts:
         """How this engine lays out its KV cache."""
-        raise WorkbenchError(f"engine {self.name!r} does not record step traces yet: use generate().")
 
     def _kv_shape(self) -> tuple[int, int, int, int]:
         """(layers, KV heads, head dim, bytes per element) of the model, from its config."""
@@ -134,7 +131,7 @@ class Engine(ABC):
         per_prompt = [self._fit_to_context(ids, options) for ids in token_ids]
         with self._busy():
             start = time.perf_counter()
-            raw = self._generate(token_ids, per_prompt)
+            raw = self._run(token_ids, per_prompt, [0.0] * len(texts), TraceRecorder.silent(len(texts)))
             total = time.perf_counter() - start
         return [self._result(text, ids, out, options.stop, total) for text, ids, out in zip(texts, token_ids, raw)]
 

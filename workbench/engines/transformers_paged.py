@@ -6,7 +6,6 @@ results collected as they finish, and a stream can be cancelled.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Iterator
@@ -101,35 +100,6 @@ class TransformersPagedEngine(Engine):
         self._counter += 1
         return f"wb-{self._counter}"
 
-    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
-        start = time.perf_counter()
-        first = options[0]
-        by_id: dict[str, int] = {}
-        results = {}
-        with self._manager(first, max(o.max_tokens for o in options), prompts) as manager:
-            for index, (prompt, opts) in enumerate(zip(prompts, options)):
-                rid = manager.add_request(prompt, request_id=self._next_id(), max_new_tokens=opts.max_tokens,
-                                          record_timestamps=True)
-                by_id[rid] = index
-            while len(results) < len(prompts):
-                out = manager.get_result(timeout=1)
-                if out is None:
-                    if not manager.is_running():
-                        raise WorkbenchError("transformers continuous batching stopped unexpectedly: see the log.")
-                    continue
-                if out.request_id in by_id and out.is_finished():
-                    if out.error:
-                        raise WorkbenchError(f"transformers continuous batching failed a request: {out.error}")
-                    results[out.request_id] = out
-        raw = [None] * len(prompts)
-        for rid, out in results.items():
-            index = by_id[rid]
-            tokens = list(out.generated_tokens)
-            finish = "stop" if tokens and tokens[-1] in self.eos_ids else "length"
-            times = [t - start for t in (out.timestamps or [])][: len(tokens)]
-            raw[index] = RawOutput(tokens, finish, times)
-        return raw
-
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
         with self._manager(options, options.max_tokens, [prompt]) as manager:
             rid = manager.add_request(prompt, request_id=self._next_id(), max_new_tokens=options.max_tokens,
@@ -161,7 +131,7 @@ class TransformersPagedEngine(Engine):
 
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:
-        names = [r.request_id for r in recorder.trace.requests]
+        names = recorder.names
         ids = [f"{self._next_id()}-{name}" for name in names]
         index = {rid: i for i, rid in enumerate(ids)}
         clock = RunClock(arrivals)

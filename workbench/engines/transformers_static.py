@@ -63,7 +63,7 @@ class _BatchSteps:
                  first_step: int) -> None:
         self.engine, self.batch, self.width = engine, batch, width
         self.prompts, self.options, self.queue, self.clock, self.recorder = prompts, options, queue, clock, recorder
-        self.names = [r.request_id for r in recorder.trace.requests]
+        self.names = recorder.names
         self.step = first_step
         self.times: list[float] = []
         self.finished_at: dict[int, int] = {}  # request index -> number of tokens it really produced
@@ -145,34 +145,6 @@ class TransformersEngine(Engine):
         config = generation_config(options, self.eos_ids, self.pad_id, max_new_tokens)
         return dict(generation_config=config, tokenizer=self.tokenizer if options.stop else None)
 
-    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
-        import torch
-
-        size = self.options.get("max_batch_size") or len(prompts)
-        outputs: list[RawOutput] = []
-        start = time.perf_counter()
-        for first in range(0, len(prompts), size):
-            batch, batch_opts = prompts[first:first + size], options[first:first + size]
-            # A static batch shares one sampling setting and one length limit: the batch's largest.
-            opts = batch_opts[0]
-            max_new = max(o.max_tokens for o in batch_opts)
-            if opts.seed is not None:
-                torch.manual_seed(opts.seed)
-            ids, mask, width = self._batch_inputs(batch)
-            clock = _StepClock(start)
-            with torch.inference_mode():
-                out = self.hf_model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[clock],
-                                             **self._generate_kwargs(opts, max_new))
-            for row, row_opts in enumerate(batch_opts):
-                tokens = out[row, width:].tolist()[: row_opts.max_tokens]
-                if self.pad_id not in self.eos_ids:  # rows that ended early are padded to the batch's length
-                    while tokens and tokens[-1] == self.pad_id:
-                        tokens.pop()
-                eos = set() if row_opts.ignore_eos else set(self.eos_ids)
-                tokens, finish = finish_from_eos(tokens, eos, row_opts.max_tokens)
-                outputs.append(RawOutput(tokens, finish, clock.times[: len(tokens)]))
-        return outputs
-
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
         import torch
 
@@ -244,6 +216,9 @@ class TransformersEngine(Engine):
             step = steps.step
             for row, i in enumerate(batch):
                 tokens = out[row, width:].tolist()[: steps.finished_at.get(i, options[i].max_tokens)]
+                if self.pad_id not in self.eos_ids:  # a row ended by a stop string is padded to the batch's end
+                    while tokens and tokens[-1] == self.pad_id:
+                        tokens.pop()
                 eos = set() if options[i].ignore_eos else set(self.eos_ids)
                 tokens, finish = finish_from_eos(tokens, eos, options[i].max_tokens)
                 raw[i] = RawOutput(tokens, finish, steps.times[: len(tokens)])

@@ -8,7 +8,6 @@ out of `LLMEngine.step`, which is the loop `LLM.generate` runs itself.
 from __future__ import annotations
 
 import os
-import time
 import weakref
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -171,30 +170,6 @@ class VLLMEngine(Engine):
         internal = self.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, self._sampling_params(options))
         return rid, internal
 
-    def _generate(self, prompts: list[list[int]], options: list[SamplingOptions]) -> list[RawOutput]:
-        start = time.perf_counter()
-        index = {self._add(p, o)[0]: i for i, (p, o) in enumerate(zip(prompts, options))}
-        raw = [RawOutput([], "length") for _ in prompts]
-        pending = set(index)
-        try:
-            while pending:
-                outputs = self.llm_engine.step()
-                now = time.perf_counter() - start
-                for out in outputs:
-                    if out.request_id not in pending:
-                        continue
-                    result = raw[index[out.request_id]]
-                    completion = out.outputs[0]
-                    result.token_ids.extend(completion.token_ids)
-                    result.token_times.extend([now] * len(completion.token_ids))
-                    if out.finished:
-                        result.finish_reason = completion.finish_reason or "stop"
-                        pending.discard(out.request_id)
-        finally:
-            if pending:  # an exception or KeyboardInterrupt: leave the engine with nothing half-done
-                self.llm_engine.abort_request(list(pending))
-        return raw
-
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
         rid, _ = self._add(prompt, options)
         finished = False
@@ -222,14 +197,14 @@ class VLLMEngine(Engine):
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:
         scheduler = self.scheduler
-        names = [r.request_id for r in recorder.trace.requests]
+        names = recorder.names
         raw = [RawOutput([], "length") for _ in prompts]
         external: dict[str, int] = {}  # id in outputs -> request index
         internal: dict[int, str] = {}  # request index -> the scheduler's id
         finished: set[int] = set()
         preemptions: dict[int, int] = {}
         cached: dict[int, int] = {}
-        before = self._engine_counters()
+        before = self._engine_counters() if recorder.trace is not None else {}
         # vLLM keeps no SchedulerOutput after a step; wrap this scheduler's `schedule` to see what each step ran.
         seen: dict = {}
         original_schedule = scheduler.schedule
@@ -289,8 +264,9 @@ class VLLMEngine(Engine):
             unfinished = [rid for rid, i in external.items() if i not in finished]
             if unfinished:
                 self.llm_engine.abort_request(unfinished)
-        after = self._engine_counters()
-        recorder.trace.engine_counters = {name: value - before.get(name, 0) for name, value in after.items()}
+        if recorder.trace is not None:
+            after = self._engine_counters()
+            recorder.trace.engine_counters = {name: value - before.get(name, 0) for name, value in after.items()}
         return raw
 
     def _request_snapshot(self, name: str, request, just_finished: bool, scheduled: int, computed_before: int,
