@@ -1,16 +1,18 @@
 """Throughput of each engine through the workbench beside the same engine called directly, in one run.
 
 One workload: 32 chat prompts x 64 new tokens, greedy, the bundled SmolLM2-135M in float32. Each engine is loaded
-once; the workbench call and the direct call use the same loaded model and alternate (neither always first); the
-best of the repeats is kept (these machines are noisy: read the ratio, not the absolute numbers).
+once; the workbench call and the direct call use the same loaded model and alternate (neither always first). The
+table gives the best of the repeats and the median ratio of each repeat's two adjacent runs (these machines are
+noisy: read the median ratio, not the absolute numbers).
 
-    .venv/bin/python bench/engine_throughput.py [--engines vllm transformers ...] [--repeats 4]
+    .venv/bin/python bench/engine_throughput.py [--engines vllm transformers ...] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -81,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     installed = [s.name for s in wb.engines() if s.installed]
     parser.add_argument("--engines", nargs="+", default=installed)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
 
@@ -91,25 +93,29 @@ def main() -> None:
         prompt_ids = [engine._encode(p, chat=True) for p in PROMPTS]
         engine.generate(PROMPTS[:2], max_tokens=4, temperature=0)  # warm up both paths' first-call costs
         best = {"workbench": 0.0, "direct": 0.0}
+        ratios = []  # workbench / direct, from the two runs of one repeat: robust to the machine's slow drifts
         calls = {
             "workbench": lambda: sum(len(r.token_ids)
                                      for r in engine.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0)),
             "direct": lambda: DIRECT[name](engine, prompt_ids),
         }
         for repeat in range(args.repeats):
+            this = {}
             for mode in (("workbench", "direct") if repeat % 2 == 0 else ("direct", "workbench")):
                 seconds, tokens = timed(calls[mode])
-                best[mode] = max(best[mode], tokens / seconds)
+                this[mode] = tokens / seconds
+                best[mode] = max(best[mode], this[mode])
+            ratios.append(this["workbench"] / this["direct"])
         engine.close()
-        rows.append((name, best["workbench"], best["direct"]))
+        rows.append((name, best["workbench"], best["direct"], statistics.median(ratios)))
         print(f"{name}: workbench {best['workbench']:.1f} tok/s, direct {best['direct']:.1f} tok/s", flush=True)
 
     print(f"\n{len(PROMPTS)} chat prompts x {MAX_TOKENS} new tokens, greedy, {args.model}, float32, "
           f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, best of {args.repeats}\n")
-    print("| engine | workbench tokens/s | direct tokens/s | ratio |")
-    print("| --- | --- | --- | --- |")
-    for name, ours, direct in rows:
-        print(f"| {name} | {ours:.1f} | {direct:.1f} | {ours / direct:.3f} |")
+    print("| engine | workbench tokens/s (best) | direct tokens/s (best) | ratio of bests | median ratio per repeat |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, ours, direct, median in rows:
+        print(f"| {name} | {ours:.1f} | {direct:.1f} | {ours / direct:.3f} | {median:.3f} |")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,18 @@ class Engine(ABC):
         itemsize = 2 if self.dtype in ("float16", "fp16", "bfloat16", "bf16") else 4
         return cfg.num_hidden_layers, kv_heads, head_dim, itemsize
 
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes the keys and values of one token take in the cache, over all layers."""
+        layers, kv_heads, head_dim, itemsize = self._kv_shape()
+        return 2 * layers * kv_heads * head_dim * itemsize
+
+    def _layout(self, paged: bool, block_size: int, num_blocks: int) -> CacheFacts:
+        """The cache facts of this model in this engine, for a cache of `num_blocks` blocks of `block_size` tokens."""
+        layers, kv_heads, head_dim, _ = self._kv_shape()
+        info = self.info
+        return CacheFacts(paged, block_size, num_blocks, self._kv_bytes_per_token() * block_size, layers, kv_heads,
+                          head_dim, info.dtype, info.weight_bytes, self.max_model_len)
+
     # ---- public API ------------------------------------------------------------------------------------------
     @property
     def info(self) -> EngineInfo:

@@ -47,11 +47,7 @@ class TransformersPagedEngine(Engine):
         block_size = self.options.get("block_size") or 32
         num_blocks = self.options.get("num_blocks")
         if num_blocks is None and self.device == "cpu":
-            cfg = self.config
-            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            itemsize = self.hf_model.dtype.itemsize
-            block_bytes = 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize * block_size
+            block_bytes = self._kv_bytes_per_token() * block_size
             num_blocks = max(16, min(_CPU_MAX_BLOCKS, _CPU_DEFAULT_KV_BYTES // block_bytes))
         max_batch_tokens = self.options.get("max_batch_tokens")
         if max_batch_tokens is None and self.device == "cpu":
@@ -121,13 +117,9 @@ class TransformersPagedEngine(Engine):
 
     # ---- step traces ---------------------------------------------------------------------------------------------
     def _cache_facts(self) -> CacheFacts:
-        layers, kv_heads, head_dim, itemsize = self._kv_shape()
         config = self._cb_config(None)
         # The block count is read from the allocator once the cache exists (the first step); this is the request.
-        return CacheFacts(paged=True, block_size=config.page_size, num_blocks=config.num_blocks or 0,
-                          bytes_per_block=2 * layers * kv_heads * head_dim * itemsize * config.page_size,
-                          num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.info.dtype,
-                          weight_bytes=self.info.weight_bytes, max_model_len=self.max_model_len)
+        return self._layout(paged=True, block_size=config.page_size, num_blocks=config.num_blocks or 0)
 
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:

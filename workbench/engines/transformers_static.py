@@ -181,12 +181,7 @@ class TransformersEngine(Engine):
 
     # ---- step traces ---------------------------------------------------------------------------------------------
     def _cache_facts(self) -> CacheFacts:
-        layers, kv_heads, head_dim, itemsize = self._kv_shape()
-        # A contiguous cache has no blocks: a "block" is one token slot.
-        return CacheFacts(paged=False, block_size=1, num_blocks=0,
-                          bytes_per_block=2 * layers * kv_heads * head_dim * itemsize, num_layers=layers,
-                          num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.info.dtype,
-                          weight_bytes=self.info.weight_bytes, max_model_len=self.max_model_len)
+        return self._layout(paged=False, block_size=1, num_blocks=0)  # contiguous: a "block" is one token slot
 
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:

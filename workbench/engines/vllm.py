@@ -186,13 +186,9 @@ class VLLMEngine(Engine):
 
     # ---- step traces ---------------------------------------------------------------------------------------------
     def _cache_facts(self) -> CacheFacts:
-        layers, kv_heads, head_dim, itemsize = self._kv_shape()
-        block_size = self.scheduler.kv_cache_manager.block_pool.hash_block_size or self.scheduler.block_size
-        return CacheFacts(paged=True, block_size=block_size,
-                          num_blocks=self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
-                          bytes_per_block=2 * layers * kv_heads * head_dim * itemsize * block_size,
-                          num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, dtype=self.dtype,
-                          weight_bytes=self.info.weight_bytes, max_model_len=self.max_model_len)
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return self._layout(paged=True, block_size=self.scheduler.block_size,
+                            num_blocks=pool.num_gpu_blocks)
 
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:
