@@ -229,11 +229,13 @@ class TraceRecorder:
     """
 
     def __init__(self, trace: Trace | None, record: bool = True,
-                 on_step: Callable[[StepSnapshot], None] | None = None) -> None:
+                 on_step: Callable[[StepSnapshot], None] | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> None:
         self.trace = trace
         self.names = [r.request_id for r in trace.requests] if trace is not None else []
         self.record = record and trace is not None
         self.on_step = on_step
+        self.on_tokens = on_tokens
         self._previous: dict[str, RequestSnapshot] = {}
 
     @classmethod
@@ -254,6 +256,11 @@ class TraceRecorder:
             return previous
         self._previous[snapshot.request_id] = snapshot
         return snapshot
+
+    def tokens(self, index: int, token_ids: list[int]) -> None:
+        """Hand request `index`'s newest tokens to `on_tokens` (streaming text per request)."""
+        if self.on_tokens is not None and token_ids:
+            self.on_tokens(index, list(token_ids))
 
     def add(self, step: StepSnapshot) -> None:
         if self.record:

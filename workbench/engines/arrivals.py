@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 
 class RunClock:
     """Releases request indexes as their arrival times (seconds after the start) pass."""
 
-    def __init__(self, arrivals: list[float]) -> None:
+    def __init__(self, arrivals: list[float], interrupt: threading.Event | None = None) -> None:
+        self.interrupt = interrupt or threading.Event()  # set: stop waiting for arrivals (the engine's stop())
         self.start = time.perf_counter()
         self._order = sorted(range(len(arrivals)), key=lambda i: arrivals[i])
         self._arrivals = arrivals
@@ -31,6 +33,6 @@ class RunClock:
         return len(self._order) - self._next
 
     def wait_for_next(self) -> None:
-        """Sleep until the next request arrives (the engine has nothing to do meanwhile)."""
+        """Sleep until the next request arrives (the engine has nothing to do meanwhile), or until interrupted."""
         if self._next < len(self._order):
-            time.sleep(max(0.0, self._arrivals[self._order[self._next]] - self.now()))
+            self.interrupt.wait(max(0.0, self._arrivals[self._order[self._next]] - self.now()))

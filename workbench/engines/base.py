@@ -61,6 +61,8 @@ class Engine(ABC):
         self._closed = False
         # One request at a time per engine object: the adapters drive their engine from the calling thread.
         self._lock = threading.Lock()
+        # Set by `stop()` from another thread; the adapters look at it once per engine step.
+        self._stop_requested = threading.Event()
         self._load()
 
     # ---- hooks an adapter implements -------------------------------------------------------------------------
@@ -171,11 +173,14 @@ class Engine(ABC):
         return self._stream_text(ids, fitted)
 
     def run(self, requests: Sequence[Request | str], record: bool = True,
-            on_step: Callable[[StepSnapshot], None] | None = None) -> Trace:
+            on_step: Callable[[StepSnapshot], None] | None = None,
+            on_tokens: Callable[[int, list[int]], None] | None = None) -> Trace:
         """Serve `requests` as they arrive (each its own `arrival_s`) and return a `Trace` of every engine step.
 
-        `on_step` is called with each snapshot as soon as it is taken (live views hang on it); `record=False` keeps
-        no snapshots. Results are in `trace.results`, in request order, timed from each request's arrival.
+        `on_step` is called with each snapshot as soon as it is taken (live views hang on it); `on_tokens(i, ids)`
+        with request i's new token ids as they come; `record=False` keeps no snapshots. Both are called from the
+        thread the engine steps in. Results are in `trace.results`, in request order, timed from each request's
+        arrival; after `stop()` the unfinished ones end with finish_reason "abort".
 
         >>> from workbench.workload import make_workload
         >>> trace = engine.run(make_workload(n=8, shared_prefix_tokens=64, rate=4.0))      # doctest: +SKIP
@@ -194,13 +199,28 @@ class Engine(ABC):
         trace = Trace(self.name, self.model.name, self._cache_facts(),
                       [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s))
                        for i, (ids, opts, r) in enumerate(zip(prompts, options, items))])
-        recorder = TraceRecorder(trace, record, on_step)
+        recorder = TraceRecorder(trace, record, on_step, on_tokens)
         with self._busy():
             raw = self._run(prompts, options, [float(r.arrival_s) for r in items], recorder)
         for request, ids, out, opts in zip(items, prompts, raw, options):
             out.token_times = [t - request.arrival_s for t in out.token_times]
             trace.results.append(self._result(request.prompt, ids, out, opts.stop, 0.0))
         return trace
+
+    def stop(self) -> None:
+        """Abort what the engine is serving now (a `generate`, `run` or `stream` in another thread) at its next step.
+
+        Requests not finished end with finish_reason "abort"; the engine stays usable.
+        A call while nothing runs does nothing.
+
+        >>> threading.Timer(2.0, engine.stop).start(); trace = engine.run(long_workload)      # doctest: +SKIP
+        """
+        self._stop_requested.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called during the current request (adapters check it once per step)."""
+        return self._stop_requested.is_set()
 
     def close(self) -> None:
         """Free the engine's memory. The engine cannot be used afterwards; load a new one."""
@@ -233,6 +253,7 @@ class Engine(ABC):
             raise WorkbenchError(
                 f"this {self.name!r} engine is busy with another generate or stream: finish or close that first."
             )
+        self._stop_requested.clear()
         try:
             yield
         finally:
@@ -294,6 +315,8 @@ class Engine(ABC):
         try:
             with self._busy():
                 for new in tokens:
+                    if self.stopping:
+                        return  # closing `tokens` below cancels the request in the engine
                     generated.extend(new)
                     text = self.tokenizer.decode(generated, skip_special_tokens=True)
                     cut = _first_stop(text, options.stop)

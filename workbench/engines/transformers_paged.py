@@ -126,18 +126,23 @@ class TransformersPagedEngine(Engine):
         names = recorder.names
         ids = [f"{self._next_id()}-{name}" for name in names]
         index = {rid: i for i, rid in enumerate(ids)}
-        clock = RunClock(arrivals)
+        clock = RunClock(arrivals, self._stop_requested)
         watcher = _PagedSteps(recorder, names, index, clock, [len(p) for p in prompts]) if recorder.wanted else None
-        results = {}
+        results, partial = {}, {}
+        streaming = recorder.on_tokens is not None  # partial outputs every step: only when someone shows them
         max_new = max(o.max_tokens for o in options)
         with self._manager(options[0], max_new, prompts, watcher) as manager:
             while len(results) < len(prompts):
+                if self.stopping:
+                    for rid in set(index) - set(results):
+                        manager.cancel_request(rid)
+                    break
                 for i in clock.arrived():
                     if watcher is not None:
                         watcher.submitted.add(ids[i])
                     eos = -1 if options[i].ignore_eos else None
                     manager.add_request(prompts[i], request_id=ids[i], max_new_tokens=options[i].max_tokens,
-                                        record_timestamps=True, eos_token_id=eos)
+                                        record_timestamps=True, eos_token_id=eos, streaming=streaming)
                 if len(results) == len(index) - clock.pending and clock.pending:
                     clock.wait_for_next()  # nothing in flight
                     continue
@@ -146,11 +151,17 @@ class TransformersPagedEngine(Engine):
                     if not manager.is_running():
                         raise WorkbenchError("transformers continuous batching stopped unexpectedly: see the log.")
                     continue
-                if out.request_id in index and out.is_finished():
-                    if out.error:
-                        raise WorkbenchError(f"transformers continuous batching failed a request: {out.error}")
+                if out.request_id not in index:
+                    continue
+                if out.error:
+                    raise WorkbenchError(f"transformers continuous batching failed a request: {out.error}")
+                if streaming:
+                    sent = partial.get(out.request_id, 0)
+                    recorder.tokens(index[out.request_id], out.generated_tokens[sent:])
+                    partial[out.request_id] = len(out.generated_tokens)
+                if out.is_finished():
                     results[out.request_id] = out
-        raw = [None] * len(prompts)
+        raw = [RawOutput([], "abort") for _ in prompts]
         for rid, out in results.items():
             i = index[rid]
             tokens = list(out.generated_tokens)

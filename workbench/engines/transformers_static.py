@@ -76,15 +76,17 @@ class _BatchSteps:
         k = input_ids.shape[1] - self.width  # tokens generated so far
         last = input_ids[:, -1].tolist()
         for row, i in enumerate(self.batch):
-            ended = (not self.options[i].ignore_eos and last[row] in self.engine.eos_ids) \
-                or k >= self.options[i].max_tokens
-            if ended and i not in self.finished_at:
+            if i in self.finished_at:
+                continue
+            self.recorder.tokens(i, [last[row]])
+            if (not self.options[i].ignore_eos and last[row] in self.engine.eos_ids) or k >= self.options[i].max_tokens:
                 self.finished_at[i] = k
         self.queue.extend(self.clock.arrived())  # requests arriving now wait for the next batch
         if self.recorder.wanted:
             self._snapshot(k, now)
         self.step += 1
-        return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+        stop = self.engine.stopping  # `generate` ends the whole batch at this step
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     def _snapshot(self, k: int, now: float) -> None:
         facts = self.recorder.trace.facts
@@ -188,11 +190,14 @@ class TransformersEngine(Engine):
         import torch
 
         size = self.options.get("max_batch_size") or len(prompts)
-        clock = RunClock(arrivals)
+        clock = RunClock(arrivals, self._stop_requested)
         raw: list[RawOutput | None] = [None] * len(prompts)
         queue: list[int] = []
         step = 0
         while any(out is None for out in raw):
+            if self.stopping:
+                raw = [out or RawOutput([], "abort") for out in raw]
+                break
             queue.extend(clock.arrived())
             if not queue:
                 clock.wait_for_next()
@@ -216,5 +221,7 @@ class TransformersEngine(Engine):
                         tokens.pop()
                 eos = set() if options[i].ignore_eos else set(self.eos_ids)
                 tokens, finish = finish_from_eos(tokens, eos, options[i].max_tokens)
+                if i not in steps.finished_at and self.stopping:
+                    finish = "abort"
                 raw[i] = RawOutput(tokens, finish, steps.times[: len(tokens)])
         return raw

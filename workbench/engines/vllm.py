@@ -210,10 +210,14 @@ class VLLMEngine(Engine):
             return out
 
         scheduler.schedule = schedule_and_keep
-        clock = RunClock(arrivals)
+        clock = RunClock(arrivals, self._stop_requested)
         step = 0
         try:
             while len(finished) < len(prompts):
+                if self.stopping:
+                    for i in set(range(len(prompts))) - finished:
+                        raw[i].finish_reason = "abort"
+                    break
                 for i in clock.arrived():
                     rid, internal[i] = self._add(prompts[i], options[i])
                     external[rid] = i
@@ -232,6 +236,7 @@ class VLLMEngine(Engine):
                         continue
                     completion = out.outputs[0]
                     raw[i].token_ids.extend(completion.token_ids)
+                    recorder.tokens(i, completion.token_ids)
                     raw[i].token_times.extend([now] * len(completion.token_ids))
                     cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
                     if out.finished:
