@@ -9,7 +9,10 @@ from workbench.workload import Request
 
 def test_late_request_joins_the_running_batch_with_its_own_blocks(tmp_path):
     with wb.load("transformers-paged", model="smollm2-135m") as engine:
-        requests = [Request("Count from one to forty.", max_tokens=30, ignore_eos=True),
+        # The first step of a fresh model pays one-time costs (seconds on a busy machine): pay them before the
+        # clock matters, and give r0 enough tokens to be still decoding when r1 arrives.
+        engine.generate("Hi", max_tokens=2)
+        requests = [Request("Count from one to forty.", max_tokens=80, ignore_eos=True),
                     Request("Name three colors.", max_tokens=8, arrival_s=1.0, ignore_eos=True)]
         seen = []
         trace = engine.run(requests, on_step=seen.append)
@@ -22,7 +25,7 @@ def test_late_request_joins_the_running_batch_with_its_own_blocks(tmp_path):
     assert joined.blocks_used == len(r0.block_ids) + len(r1.block_ids)
     table = trace.requests_df().set_index("request_id")
     assert table.loc["r1", "finish_step"] < table.loc["r0", "finish_step"]  # it left before r0: no static batch
-    assert [len(r.token_ids) for r in trace.results] == [30, 8]
+    assert [len(r.token_ids) for r in trace.results] == [80, 8]
     assert trace.results[1].metrics.ttft_s < 1.0  # timed from its own arrival
     # each request's cache grows by one token per decode step
     grows = [s.request("r0").computed_tokens for s in trace.steps if s.request("r0")

@@ -174,12 +174,14 @@ class Engine(ABC):
 
     def run(self, requests: Sequence[Request | str], record: bool = True,
             on_step: Callable[[StepSnapshot], None] | None = None,
-            on_tokens: Callable[[int, list[int]], None] | None = None) -> Trace:
+            on_tokens: Callable[[int, list[int]], None] | None = None,
+            on_start: Callable[[Trace], None] | None = None) -> Trace:
         """Serve `requests` as they arrive (each its own `arrival_s`) and return a `Trace` of every engine step.
 
-        `on_step` is called with each snapshot as soon as it is taken (live views hang on it); `on_tokens(i, ids)`
-        with request i's new token ids as they come; `record=False` keeps no snapshots. Both are called from the
-        thread the engine steps in. Results are in `trace.results`, in request order, timed from each request's
+        `on_start` is called once with the trace before the first step (live views read its cache facts and requests
+        and watch its steps fill in); `on_step` with each snapshot as soon as it is taken; `on_tokens(i, ids)` with
+        request i's new token ids as they come; `record=False` keeps no snapshots. The callbacks run in the thread
+        the engine steps in. Results are in `trace.results`, in request order, timed from each request's
         arrival; after `stop()` the unfinished ones end with finish_reason "abort".
 
         >>> from workbench.workload import make_workload
@@ -200,6 +202,8 @@ class Engine(ABC):
                       [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s))
                        for i, (ids, opts, r) in enumerate(zip(prompts, options, items))])
         recorder = TraceRecorder(trace, record, on_step, on_tokens)
+        if on_start is not None:
+            on_start(trace)
         with self._busy():
             raw = self._run(prompts, options, [float(r.arrival_s) for r in items], recorder)
         for request, ids, out, opts in zip(items, prompts, raw, options):

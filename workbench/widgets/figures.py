@@ -1,0 +1,334 @@
+"""Plain plotly figures drawn from a Trace at one step: what every view shows, live, replayed or in a static report.
+
+Pure functions of the trace: no widgets, no engine. A live view calls them on a trace that is still filling in.
+
+>>> from workbench.widgets.figures import kv_cache_figure
+>>> kv_cache_figure(trace, step=10).show()      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from workbench.trace import BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, STATES, StepSnapshot, Trace
+
+REQUEST_COLORS = qualitative.Plotly + qualitative.D3[1:] + qualitative.Set2
+BLOCK_COLORS = {BLOCK_FREE: "#eeeeee", BLOCK_CACHED: "#b7d7f0", BLOCK_RESERVED: "#555555"}
+BLOCK_NAMES = {BLOCK_FREE: "free", BLOCK_CACHED: "cached (evictable)", BLOCK_USED: "in use",
+               BLOCK_RESERVED: "reserved"}
+STATE_COLORS = {"waiting": "#f2c94c", "prefill": "#2f80ed", "decode": "#27ae60", "preempted": "#eb5757",
+                "finished": "#bdbdbd"}
+STATE_CODES = {state: code for code, state in enumerate(STATES)}
+GRID_COLUMNS = 32
+
+
+def request_colors(trace: Trace) -> dict[str, str]:
+    """A request keeps one color in every view: by its position in the trace."""
+    return {r.request_id: REQUEST_COLORS[i % len(REQUEST_COLORS)] for i, r in enumerate(trace.requests)}
+
+
+def _snapshot(trace: Trace, step: int) -> StepSnapshot | None:
+    if not trace.steps:
+        return None
+    return trace.steps[step]
+
+
+def kv_cache_points(trace: Trace, step: int = -1) -> list[dict]:
+    """One dict per physical block at `step`: id, state, owners, tokens held and the logical index in each owner.
+
+    Tokens in a block come from each owner's computed tokens and its block table (the last block of a sequence is
+    partly filled).
+    """
+    snap = _snapshot(trace, step)
+    if snap is None:
+        return []
+    size = trace.facts.block_size
+    holders: dict[int, list[tuple[str, int, int]]] = {}
+    for r in snap.requests:
+        for logical, block in enumerate(r.block_ids):
+            tokens = max(0, min(size, r.computed_tokens - logical * size))
+            holders.setdefault(block, []).append((r.request_id, logical, tokens))
+    points = []
+    for block, state in enumerate(snap.blocks):
+        held = holders.get(block, [])
+        points.append({"block": block, "state": state, "owners": [h[0] for h in held],
+                       "logical": [h[1] for h in held], "tokens": max((h[2] for h in held), default=0)})
+    return points
+
+
+def kv_cache_layout(trace: Trace) -> dict:
+    """The block grid's frame: fixed for a trace (its size follows the number of blocks)."""
+    if not trace.facts.paged:
+        return dict(barmode="stack", xaxis_title="token slots", yaxis=dict(autorange="reversed"),
+                    height=max(220, 60 + 18 * len(trace.requests)), margin=dict(t=40, b=30))
+    rows = max(1, math.ceil(_num_blocks(trace) / GRID_COLUMNS))
+    return dict(height=max(220, 60 + rows * (MARKER_SIZE + 3)), margin=dict(l=30, r=10, t=40, b=20),
+                xaxis=dict(visible=False, range=[-1, GRID_COLUMNS]), yaxis=dict(visible=False, autorange="reversed"),
+                plot_bgcolor="white", showlegend=False)
+
+
+def _num_blocks(trace: Trace) -> int:
+    return len(trace.steps[-1].blocks) if trace.steps else trace.facts.num_blocks
+
+
+MARKER_SIZE = 14
+_HOVER = ("block %{customdata[0]}: %{customdata[1]}<br>held by %{customdata[2]}"
+          "<br>%{customdata[3]} of %{customdata[4]} tokens<extra></extra>")
+
+
+def kv_cache_traces(trace: Trace, step: int = -1, selected: str | None = None) -> tuple[list[dict], str]:
+    """The block grid's traces at `step` and its title: every block (colored by holder), shared blocks marked with
+    an x, and `selected`'s blocks outlined. Plain dicts of numpy arrays: a live view updates them ten times a
+    second."""
+    if not trace.facts.paged:
+        return _contiguous_traces(trace, step)
+    points = kv_cache_points(trace, step)
+    n = len(points)
+    blocks = np.arange(n)
+    palette = request_colors(trace)
+    colors = []
+    for p in points:
+        owners = p["owners"]
+        colors.append(palette.get(owners[0], "#000000") if p["state"] == BLOCK_USED and owners
+                      else BLOCK_COLORS.get(p["state"], "#eeeeee"))
+    custom = np.empty((n, 5), dtype=object)
+    for i, p in enumerate(points):
+        held = ", ".join(f"{o} (logical {k})" for o, k in zip(p["owners"], p["logical"])) or "nobody"
+        custom[i] = (p["block"], BLOCK_NAMES.get(p["state"], p["state"]), held, p["tokens"],
+                     trace.facts.block_size)
+    shared = np.array([p["block"] for p in points if len(p["owners"]) > 1], dtype=int)
+    picked = np.array([p["block"] for p in points if selected and selected in p["owners"]], dtype=int)
+    traces = [
+        dict(type="scatter", name="blocks", x=blocks % GRID_COLUMNS, y=blocks // GRID_COLUMNS, mode="markers",
+             marker=dict(color=np.array(colors, dtype=object), symbol="square", size=MARKER_SIZE),
+             customdata=custom, hovertemplate=_HOVER),
+        dict(type="scatter", name="shared", x=shared % GRID_COLUMNS, y=shared // GRID_COLUMNS, mode="markers",
+             marker=dict(color="white", symbol="x-thin", size=MARKER_SIZE * 0.6, line=dict(width=2, color="white")),
+             hoverinfo="skip"),
+        dict(type="scatter", name="selected", x=picked % GRID_COLUMNS, y=picked // GRID_COLUMNS, mode="markers",
+             marker=dict(color="rgba(0,0,0,0)", symbol="square-open", size=MARKER_SIZE + 2,
+                         line=dict(width=2, color="black")), hoverinfo="skip"),
+    ]
+    snap = _snapshot(trace, step)
+    title = "KV cache blocks"
+    if snap is not None:
+        title = (f"KV cache blocks, step {snap.step}: {snap.blocks.count(BLOCK_USED)} in use of {n}, "
+                 f"{len(shared)} shared, {snap.blocks.count(BLOCK_CACHED)} cached")
+    return traces, title
+
+
+def kv_cache_figure(trace: Trace, step: int = -1, selected: str | None = None) -> go.Figure:
+    """The physical block grid at `step`: each block colored by the request holding it, shared blocks marked,
+    free, cached-but-evictable and reserved blocks in greys and blue. Hover names request and tokens; `selected`
+    outlines one request's blocks. A contiguous cache (no blocks) is drawn as one bar per sequence."""
+    return _figure(kv_cache_layout(trace), *kv_cache_traces(trace, step, selected))
+
+
+def _figure(layout: dict, traces: list[dict], title: str) -> go.Figure:
+    return go.Figure(data=traces, layout={**layout, "title": title})
+
+
+def _contiguous_traces(trace: Trace, step: int) -> tuple[list[dict], str]:
+    snap = _snapshot(trace, step)
+    requests = [r for r in snap.requests if r.state != "waiting"] if snap else []
+    names = [r.request_id for r in requests]
+    traces = [
+        dict(type="bar", y=names, x=[r.computed_tokens - r.padding_tokens for r in requests], orientation="h",
+             name="tokens", marker=dict(color=[request_colors(trace).get(n) for n in names]),
+             hovertemplate="%{y}: %{x} tokens<extra></extra>"),
+        dict(type="bar", y=names, x=[r.padding_tokens for r in requests], orientation="h", name="padding (waste)",
+             marker=dict(color="#eb5757"), hovertemplate="%{y}: %{x} padding slots<extra></extra>"),
+    ]
+    waste = sum(r.padding_tokens for r in requests) * trace.facts.bytes_per_token
+    title = "Contiguous KV cache per sequence" + (f", step {snap.step}: {waste / 2**20:.1f} MiB padding" if snap else "")
+    return traces, title
+
+
+def block_table(trace: Trace, request_id: str, step: int = -1) -> list[dict]:
+    """`request_id`'s block table at `step`: logical block -> physical block, tokens in it, and who else holds it."""
+    snap = _snapshot(trace, step)
+    request = snap.request(request_id) if snap else None
+    if request is None:
+        return []
+    owners = snap.block_owners()
+    size = trace.facts.block_size
+    return [{"logical": i, "physical": block,
+             "tokens": max(0, min(size, request.computed_tokens - i * size)),
+             "shared_with": [o for o in owners.get(block, []) if o != request_id]}
+            for i, block in enumerate(request.block_ids)]
+
+
+def timeline_matrix(trace: Trace, upto: int = -1) -> tuple[list[str], list[int], list[list[float | None]]]:
+    """(request ids, step numbers, state codes per request per step) up to step index `upto`; None where a request
+    is not in the engine (not arrived yet, or gone after it finished)."""
+    steps = trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+    names = [r.request_id for r in trace.requests]
+    row = {name: i for i, name in enumerate(names)}
+    z: list[list[float | None]] = [[None] * len(steps) for _ in names]
+    for column, snap in enumerate(steps):
+        for r in snap.requests:
+            z[row[r.request_id]][column] = STATE_CODES[r.state]
+    return names, [s.step for s in steps], z
+
+
+def batch_timeline_layout(trace: Trace) -> dict:
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.04)
+    figure.update_layout(height=max(300, 160 + 14 * len(trace.requests)), margin=dict(t=40, b=30),
+                         legend=dict(orientation="h", y=-0.08))
+    figure.update_yaxes(autorange="reversed", row=1, col=1)
+    figure.update_xaxes(title_text="engine step", row=2, col=1)
+    return figure.layout.to_plotly_json()
+
+
+def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
+    names, step_numbers, z = timeline_matrix(trace, upto)
+    steps = trace.steps[: len(step_numbers)]
+    n = len(STATES)
+    scale = []
+    for code, state in enumerate(STATES):
+        scale += [[code / n, STATE_COLORS[state]], [(code + 1) / n, STATE_COLORS[state]]]
+    codes = np.array(z, dtype=float) if step_numbers else np.zeros((len(names), 0))
+    state_names = np.array([""] + list(STATES), dtype=object)[np.nan_to_num(codes, nan=-1).astype(int) + 1]
+    running = [sum(r.state in ("prefill", "decode") for r in s.requests) for s in steps]
+    tokens = [sum(r.scheduled_tokens for r in s.requests) for s in steps]
+    traces = [
+        dict(type="heatmap", x=step_numbers, y=names, z=codes, zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+             name="state", customdata=state_names, hovertemplate="%{y}, step %{x}: %{customdata}<extra></extra>",
+             colorbar=dict(tickvals=list(range(n)), ticktext=list(STATES), len=0.7, y=0.62), xaxis="x", yaxis="y"),
+        dict(type="bar", x=step_numbers, y=tokens, name="tokens computed", marker=dict(color="#9b51e0"),
+             opacity=0.5, xaxis="x2", yaxis="y2"),
+        dict(type="scatter", x=step_numbers, y=running, name="batch size", mode="lines",
+             line=dict(color="#2f80ed"), xaxis="x2", yaxis="y2"),
+    ]
+    return traces, f"Batching timeline: {trace.engine}"
+
+
+def batch_timeline_figure(trace: Trace, upto: int = -1) -> go.Figure:
+    """Requests x steps colored by state, over the batch size and tokens computed per step."""
+    return _figure(batch_timeline_layout(trace), *batch_timeline_traces(trace, upto))
+
+
+MEMORY_PARTS = ("weights", "KV in use", "KV reserved, unused", "rest of the process")
+
+
+def memory_series(trace: Trace, upto: int = -1) -> dict[str, list[float]]:
+    """Bytes per part of memory at each step up to `upto`, and the step times."""
+    steps = trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+    series: dict[str, list[float]] = {"time_s": [s.time_s for s in steps]}
+    for part in MEMORY_PARTS:
+        series[part] = []
+    for s in steps:
+        m = s.memory
+        series["weights"].append(m.weights_bytes)
+        series["KV in use"].append(m.kv_used_bytes)
+        series["KV reserved, unused"].append(max(0, m.kv_reserved_bytes - m.kv_used_bytes))
+        series["rest of the process"].append(max(0, m.process_rss_bytes - m.weights_bytes - m.kv_reserved_bytes))
+    return series
+
+
+def memory_layout(trace: Trace) -> dict:
+    return dict(xaxis_title="seconds", yaxis_title="MiB", height=300, margin=dict(t=40, b=30))
+
+
+def memory_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
+    series = memory_series(trace, upto)
+    colors = ("#828282", "#27ae60", "#a8e6bf", "#f2c94c")
+    return [dict(type="scatter", x=series["time_s"], y=np.array(series[part]) / 2**20, name=part,
+                 stackgroup="memory", line=dict(width=0.5, color=color))
+            for part, color in zip(MEMORY_PARTS, colors)], f"Memory: {trace.engine}"
+
+
+def memory_figure(trace: Trace, upto: int = -1) -> go.Figure:
+    """Weights, KV in use, KV reserved but unused, and the rest of the process, stacked over time (MiB)."""
+    return _figure(memory_layout(trace), *memory_traces(trace, upto))
+
+
+def throughput_series(trace: Trace, upto: int = -1, window: int = 8) -> dict[str, list]:
+    """Output tokens per second over a sliding window of steps, and each request's time to first token and time
+    per output token as far as the steps up to `upto` show them (arrival times come from the trace's requests)."""
+    steps = trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+    produced, last = [], {}
+    for s in steps:
+        new = 0
+        for r in s.requests:
+            new += max(0, r.output_tokens - last.get(r.request_id, 0))
+            last[r.request_id] = max(last.get(r.request_id, 0), r.output_tokens)
+        produced.append(new)
+    times = [s.time_s for s in steps]
+    rate = []
+    for i in range(len(steps)):
+        j = max(0, i - window)
+        span = times[i] - times[j] if i > j else 0.0
+        rate.append(sum(produced[j + 1: i + 1]) / span if span > 0 else 0.0)
+    arrival = {r.request_id: r.arrival_s for r in trace.requests}
+    first, final = {}, {}
+    for s in steps:
+        for r in s.requests:
+            if r.output_tokens > 0:
+                first.setdefault(r.request_id, (s.time_s, r.output_tokens))
+                final[r.request_id] = (s.time_s, r.output_tokens)
+    names = [name for name in arrival if name in first]
+    ttft = [first[n][0] - arrival[n] for n in names]
+    tpot = [(final[n][0] - first[n][0]) / (final[n][1] - first[n][1]) if final[n][1] > first[n][1] else None
+            for n in names]
+    return {"time_s": times, "tokens_per_s": rate, "request_id": names, "ttft_s": ttft, "tpot_s": tpot}
+
+
+def throughput_layout(trace: Trace) -> dict:
+    figure = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4],
+                           subplot_titles=("output tokens/s", "per request (s)"))
+    figure.update_layout(height=320, margin=dict(t=60, b=30), legend=dict(orientation="h", y=-0.2))
+    figure.update_xaxes(title_text="seconds", row=1, col=1)
+    return figure.layout.to_plotly_json()
+
+
+def throughput_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
+    data = throughput_series(trace, upto)
+    return [
+        dict(type="scatter", x=data["time_s"], y=data["tokens_per_s"], name="tokens/s", mode="lines",
+             line=dict(color="#2f80ed"), xaxis="x", yaxis="y"),
+        dict(type="bar", x=data["request_id"], y=data["ttft_s"], name="time to first token",
+             marker=dict(color="#f2994a"), xaxis="x2", yaxis="y2"),
+        dict(type="bar", x=data["request_id"], y=data["tpot_s"], name="time per output token",
+             marker=dict(color="#27ae60"), xaxis="x2", yaxis="y2"),
+    ], f"Throughput and latency: {trace.engine}"
+
+
+def throughput_figure(trace: Trace, upto: int = -1) -> go.Figure:
+    """Output tokens/s over time, and time to first token and time per output token for each request."""
+    return _figure(throughput_layout(trace), *throughput_traces(trace, upto))
+
+
+def replay_figure(draw, trace: Trace, max_frames: int = 60) -> go.Figure:
+    """An animation of `draw(trace, step)` over the trace's steps (at most `max_frames`, evenly spread), with a
+    play button and a step slider: a replay that needs no kernel.
+
+    >>> replay_figure(kv_cache_figure, trace).show()      # doctest: +SKIP
+    """
+    if not trace.steps:
+        return draw(trace, -1)
+    count = len(trace.steps)
+    indexes = sorted({round(i * (count - 1) / max(1, max_frames - 1)) for i in range(min(count, max_frames))})
+    last = draw(trace, indexes[-1])
+    frames = []
+    for i in indexes:
+        figure = last if i == indexes[-1] else draw(trace, i)
+        frames.append(go.Frame(data=figure.data, name=str(trace.steps[i].step),
+                               layout=dict(title=figure.layout.title)))
+    figure = go.Figure(data=draw(trace, indexes[0]).data, layout=last.layout, frames=frames)
+    play = dict(frame=dict(duration=150, redraw=True), fromcurrent=True, transition=dict(duration=0))
+    figure.update_layout(
+        updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.05, xanchor="left", yanchor="top",
+                          buttons=[dict(label="Play", method="animate", args=[None, play]),
+                                   dict(label="Pause", method="animate",
+                                        args=[[None], dict(mode="immediate", frame=dict(duration=0))])])],
+        sliders=[dict(active=0, x=0.12, len=0.88, y=-0.02, currentvalue=dict(prefix="step "),
+                      steps=[dict(label=f.name, method="animate",
+                                  args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+                             for f in frames])])
+    return figure
