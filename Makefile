@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.workbench-installed
 NOTEBOOK ?= notebooks/00_quickstart.ipynb
 
-.PHONY: lab test report bench install models clean
+.PHONY: lab test report bench install models browser clean
 
 install: $(STAMP)
 
@@ -26,10 +26,18 @@ $(STAMP): pyproject.toml Makefile
 models: $(STAMP)
 	$(BIN)/python -m workbench.models
 
-lab: models
-	$(BIN)/jupyter lab notebooks/
+# JupyterLab refuses to run as root unless told; containers often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-test: $(STAMP)
+lab: models
+	$(BIN)/jupyter lab notebooks/ $(ROOT_FLAG)
+
+# The browser tests drive Debian's chromium; installed once, when missing (needs root or sudo).
+browser:
+	command -v chromium >/dev/null || { $(if $(ROOT_FLAG),,sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(if $(ROOT_FLAG),,sudo) apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 report: $(STAMP)

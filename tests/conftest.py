@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
+from pathlib import Path
 
 import pytest
 
 import workbench as wb
+from workbench.cli import main as cli_main
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 ENGINES = ["transformers", "transformers-paged", "vllm"]
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def engine_params():
@@ -44,3 +48,13 @@ def load_shared():
 def smollm2(request, load_shared) -> wb.Engine:
     """The bundled real model in each engine."""
     return load_shared(request.param)
+
+
+@pytest.fixture(scope="session")
+def quickstart_report(tmp_path_factory) -> Path:
+    """00_quickstart executed once per session through the `workbench report` command: its folder."""
+    out = tmp_path_factory.mktemp("reports")
+    start = time.perf_counter()
+    assert cli_main(["report", str(NOTEBOOKS / "00_quickstart.ipynb"), "-p", "max_tokens", "16", "-o", str(out)]) == 0
+    print(f"00_quickstart: {time.perf_counter() - start:.1f} s")
+    return out

@@ -60,7 +60,21 @@ def run_notebook(notebook: str | Path, parameters: dict[str, Any] | None = None,
     executed = out / source.name
     papermill.execute_notebook(str(source), str(executed), parameters=parameters or {},
                                progress_bar=progress_bar, cwd=str(source.parent))
+    _drop_widget_state(executed)
     html, _ = HTMLExporter().from_filename(str(executed))
     page = executed.with_suffix(".html")
     page.write_text(html, encoding="utf-8")
     return executed, page
+
+
+def _drop_widget_state(notebook: Path) -> None:
+    """Remove the saved widget state from an executed notebook.
+
+    A report's figures are static renders; the widget state could only draw the live widgets with a CDN at hand,
+    and each plotly widget carries its whole JavaScript bundle in it (about 5 MB apiece).
+    """
+    import nbformat
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    if nb.metadata.pop("widgets", None) is not None:
+        nbformat.write(nb, str(notebook))

@@ -22,7 +22,8 @@ def figure_bundle(figure: go.Figure) -> dict:
     include = not _plotlyjs_sent
     _plotlyjs_sent = True
     html = figure.to_html(full_html=False, include_plotlyjs=include, config={"displaylogo": False})
-    data = json.loads(pio.to_json(figure, validate=False))  # numpy arrays become lists
+    # numpy arrays become lists, and NaN (a gap in a heatmap) becomes null: a kernel refuses to send NaN as JSON.
+    data = json.loads(pio.to_json(figure, validate=False), parse_constant=lambda constant: None)
     return {"application/vnd.plotly.v1+json": {**data, "config": {"displaylogo": False}}, "text/html": html}
 
 
