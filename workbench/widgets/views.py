@@ -13,6 +13,7 @@ import threading
 from typing import Callable
 
 import ipywidgets as widgets
+import numpy as np
 import plotly.graph_objects as go
 
 from workbench.trace import Trace
@@ -32,6 +33,7 @@ class TraceView:
         self.step = step
         self.figure_widget = go.FigureWidget()
         self._framed: Trace | None = None  # the trace whose frame the widget has
+        self._sent: list[dict] = []  # the traces as last drawn
         self._lock = threading.RLock()  # the live feed draws from its own thread; a pick redraws inside a draw
         self.widget = widgets.VBox([self.figure_widget, *self._controls()])
         if trace is not None:
@@ -70,11 +72,16 @@ class TraceView:
                 widget.add_traces(traces)
                 self._framed = self.trace
             else:
-                # The same trace a step later: send only the traces' new data, ten times a second if need be.
+                # The same trace a step later: send only what changed since the last frame (validating and sending
+                # a plotly property costs far more than comparing it), ten times a second if need be.
                 with widget.batch_update():
-                    for old, new in zip(widget.data, traces):
-                        old.update({k: v for k, v in new.items() if k != "type"}, overwrite=True)
-            widget.layout.title.text = title
+                    for shown, previous, new in zip(widget.data, self._sent, traces):
+                        changed = {k: v for k, v in new.items() if k != "type" and not _same(previous.get(k), v)}
+                        if changed:
+                            shown.update(changed, overwrite=True)
+            self._sent = traces
+            if widget.layout.title.text != title:
+                widget.layout.title.text = title
             self._after_show()
 
     def _after_show(self) -> None:
@@ -91,6 +98,18 @@ class TraceView:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _same(a, b) -> bool:
+    """Whether two plotly property values are equal: numbers, strings, lists, dicts or numpy arrays."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+        return a.shape == b.shape and bool((a == b).all())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 class KVCacheView(TraceView):
