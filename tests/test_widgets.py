@@ -4,6 +4,7 @@ follows its slider, static figures carry their own plotly.js, and the Workbench 
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -171,8 +172,6 @@ def test_workbench_stop_aborts_and_the_engine_runs_again(load_shared):
     bench.input_mode.value = "workload"
     bench.requests.value, bench.output_tokens.value = 3, (400, 400)
     bench.run()
-    import time
-
     deadline = time.time() + 120
     while not bench.output.value and time.time() < deadline:  # streamed text shows before the run ends
         time.sleep(0.1)

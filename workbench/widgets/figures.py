@@ -38,11 +38,20 @@ def _snapshot(trace: Trace, step: int) -> StepSnapshot | None:
     return trace.steps[step]
 
 
+def _steps_upto(trace: Trace, upto: int) -> list[StepSnapshot]:
+    """The steps from the first to index `upto` (negative counts from the end), inclusive."""
+    return trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+
+
+def _tokens_in_block(computed_tokens: int, logical: int, block_size: int) -> int:
+    """Tokens of a sequence with `computed_tokens` in the cache that sit in its logical block `logical` (the last
+    block of a sequence is partly filled)."""
+    return max(0, min(block_size, computed_tokens - logical * block_size))
+
+
 def kv_cache_points(trace: Trace, step: int = -1) -> list[dict]:
     """One dict per physical block at `step`: id, state, owners, tokens held and the logical index in each owner.
 
-    Tokens in a block come from each owner's computed tokens and its block table (the last block of a sequence is
-    partly filled).
     """
     snap = _snapshot(trace, step)
     if snap is None:
@@ -51,8 +60,8 @@ def kv_cache_points(trace: Trace, step: int = -1) -> list[dict]:
     holders: dict[int, list[tuple[str, int, int]]] = {}
     for r in snap.requests:
         for logical, block in enumerate(r.block_ids):
-            tokens = max(0, min(size, r.computed_tokens - logical * size))
-            holders.setdefault(block, []).append((r.request_id, logical, tokens))
+            holders.setdefault(block, []).append((r.request_id, logical,
+                                                  _tokens_in_block(r.computed_tokens, logical, size)))
     points = []
     for block, state in enumerate(snap.blocks):
         held = holders.get(block, [])
@@ -158,7 +167,7 @@ def block_table(trace: Trace, request_id: str, step: int = -1) -> list[dict]:
     owners = snap.block_owners()
     size = trace.facts.block_size
     return [{"logical": i, "physical": block,
-             "tokens": max(0, min(size, request.computed_tokens - i * size)),
+             "tokens": _tokens_in_block(request.computed_tokens, i, size),
              "shared_with": [o for o in owners.get(block, []) if o != request_id]}
             for i, block in enumerate(request.block_ids)]
 
@@ -166,7 +175,7 @@ def block_table(trace: Trace, request_id: str, step: int = -1) -> list[dict]:
 def timeline_matrix(trace: Trace, upto: int = -1) -> tuple[list[str], list[int], list[list[float | None]]]:
     """(request ids, step numbers, state codes per request per step) up to step index `upto`; None where a request
     is not in the engine (not arrived yet, or gone after it finished)."""
-    steps = trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+    steps = _steps_upto(trace, upto)
     names = [r.request_id for r in trace.requests]
     row = {name: i for i, name in enumerate(names)}
     z: list[list[float | None]] = [[None] * len(steps) for _ in names]
@@ -218,7 +227,7 @@ MEMORY_PARTS = ("weights", "KV in use", "KV reserved, unused", "rest of the proc
 
 def memory_series(trace: Trace, upto: int = -1) -> dict[str, list[float]]:
     """Bytes per part of memory at each step up to `upto`, and the step times."""
-    steps = trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+    steps = _steps_upto(trace, upto)
     series: dict[str, list[float]] = {"time_s": [s.time_s for s in steps]}
     for part in MEMORY_PARTS:
         series[part] = []
@@ -251,7 +260,7 @@ def memory_figure(trace: Trace, upto: int = -1) -> go.Figure:
 def throughput_series(trace: Trace, upto: int = -1, window: int = 8) -> dict[str, list]:
     """Output tokens per second over a sliding window of steps, and each request's time to first token and time
     per output token as far as the steps up to `upto` show them (arrival times come from the trace's requests)."""
-    steps = trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
+    steps = _steps_upto(trace, upto)
     produced, last = [], {}
     for s in steps:
         new = 0

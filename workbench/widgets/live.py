@@ -1,8 +1,8 @@
 """Live views: an engine run feeds views at a steady frame rate, from a thread of their own.
 
-The engine's step thread only notes that a step happened (on_step costs next to nothing); a drawing thread redraws
-the views at most `fps` times a second from the trace the engine is filling in, so a slow browser or a large figure
-slows the picture, not the engine.
+The engine's thread does nothing extra: a drawing thread of the feed's own redraws the views at most `fps` times a
+second from the trace the engine is filling in (`on_start` hands it over), so a slow browser or a large figure slows
+the picture, not the engine.
 
 >>> kv, timeline = KVCacheView(), BatchTimeline()
 >>> display(kv, timeline)                                                         # doctest: +SKIP
@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from workbench.trace import StepSnapshot, Trace
+from workbench.trace import Trace
 from workbench.widgets.views import TraceView
 
 
@@ -39,17 +39,14 @@ class LiveFeed:
 
     @property
     def callbacks(self) -> dict:
-        """The keyword arguments to give `engine.run` so that it feeds these views."""
-        return {"on_start": self.on_start, "on_step": self.on_step}
+        """The keyword arguments to give `engine.run` so that it feeds these views (it must record: the default)."""
+        return {"on_start": self.on_start}
 
     def on_start(self, trace: Trace) -> None:
         self.trace = trace
         self._closed.clear()
         self._thread = threading.Thread(target=self._draw_loop, name="workbench-live-views", daemon=True)
         self._thread.start()
-
-    def on_step(self, snapshot: StepSnapshot) -> None:
-        """Nothing to do per step: the drawing thread reads the trace's steps itself."""
 
     def _draw_loop(self) -> None:
         while not self._closed.wait(self.interval):
