@@ -200,6 +200,7 @@ def test_workbench_bad_input_says_so_and_stays_usable():
     bench.load(model="tiny-llama")
     bench.wait(300)
     assert bench.engine is not None and "tiny-llama" in bench.load_status.value, bench.load_status.value
+    assert "loaded in" in bench.load_status.value and "GiB" in bench.load_status.value
     bench.prompt.value = ""
     bench.run()
     assert "prompt box is empty" in bench.run_status.value

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import ipywidgets as widgets
+import psutil
 
 import workbench
 from workbench.engines import adapter_class
@@ -171,7 +172,8 @@ class Workbench:
             self.load_progress.value, self.load_progress.bar_style = 3, "success"
             self.load_status.value = (f"{html.escape(info.engine)} {html.escape(info.engine_version)} on {info.device}: "
                                       f"{html.escape(info.model)}, {info.dtype}, "
-                                      f"{info.weight_bytes / 2**20:.0f} MiB of weights, loaded in {seconds:.1f} s")
+                                      f"{info.weight_bytes / 2**20:.0f} MiB of weights, loaded in {seconds:.1f} s; "
+                                      f"this process now holds {psutil.Process().memory_info().rss / 2**30:.1f} GiB")
         except WorkbenchError as exc:
             self.load_progress.bar_style = "danger"
             self._say(self.load_status, str(exc))
