@@ -50,11 +50,22 @@ def smollm2(request, load_shared) -> wb.Engine:
     return load_shared(request.param)
 
 
+NOTEBOOK_SECONDS: dict[str, float] = {}  # how long each notebook took to execute, printed at the end of the run
+
+
+def pytest_terminal_summary(terminalreporter):
+    if NOTEBOOK_SECONDS:
+        terminalreporter.section("notebooks executed")
+        for name, seconds in NOTEBOOK_SECONDS.items():
+            terminalreporter.write_line(f"{name}: {seconds:.1f} s")
+        terminalreporter.write_line(f"all notebooks: {sum(NOTEBOOK_SECONDS.values()):.1f} s")
+
+
 @pytest.fixture(scope="session")
 def quickstart_report(tmp_path_factory) -> Path:
     """00_quickstart executed once per session through the `workbench report` command: its folder."""
     out = tmp_path_factory.mktemp("reports")
     start = time.perf_counter()
     assert cli_main(["report", str(NOTEBOOKS / "00_quickstart.ipynb"), "-p", "max_tokens", "16", "-o", str(out)]) == 0
-    print(f"00_quickstart: {time.perf_counter() - start:.1f} s")
+    NOTEBOOK_SECONDS["00_quickstart"] = time.perf_counter() - start
     return out

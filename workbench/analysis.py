@@ -47,3 +47,24 @@ def kv_waste(trace: Trace, block_sizes: Sequence[int] = (16, 32, 64, 128)):
         reserved = sum(ceil(n / size) * size for n in lengths)
         rows.append(row(f"paged, block {size}", reserved, reserved - used, 0))
     return pd.DataFrame(rows)
+
+
+def run_summary(trace: Trace) -> dict:
+    """The measured figures of one run: output tokens per second over the run's span (first arrival to last token),
+    time to first token (mean, p50, p95), mean time per output token, steps, and the process's peak memory.
+
+    >>> pd.DataFrame([run_summary(t) for t in traces])      # one row per engine      # doctest: +SKIP
+    """
+    import numpy as np
+
+    pairs = list(zip(trace.requests, trace.results))
+    span = max(q.arrival_s + r.metrics.total_s for q, r in pairs) - min(q.arrival_s for q, _ in pairs)
+    tokens = sum(len(r.token_ids) for _, r in pairs)
+    ttft = np.array([r.metrics.ttft_s for _, r in pairs])
+    tpot = [r.metrics.tpot_s for _, r in pairs if r.metrics.generated_tokens > 1]
+    return {"engine": trace.engine, "requests": len(pairs), "output_tokens": tokens,
+            "tokens_per_s": tokens / span if span > 0 else 0.0,
+            "ttft_mean_s": float(ttft.mean()), "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p95_s": float(np.percentile(ttft, 95)),
+            "tpot_mean_s": float(np.mean(tpot)) if tpot else 0.0, "steps": len(trace.steps),
+            "peak_memory_gib": max((s.memory.process_peak_bytes for s in trace.steps), default=0) / 2**30}

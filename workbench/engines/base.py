@@ -120,6 +120,12 @@ class Engine(ABC):
         self._check_open()
         return self._info()
 
+    @property
+    def cache_facts(self) -> CacheFacts:
+        """How this engine lays out its KV cache: block size, number of blocks, bytes per block, layers, KV heads."""
+        self._check_open()
+        return self._cache_facts()
+
     def generate(
         self,
         prompts: str | Sequence[str],

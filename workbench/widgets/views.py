@@ -21,6 +21,23 @@ from workbench.widgets import figures
 from workbench.widgets.static import show_figure
 
 
+class _FigureWidget(go.FigureWidget):
+    """A FigureWidget whose frontend messages wait for the view's lock.
+
+    The browser answers every edit with layout and trace deltas, which the kernel's main thread applies while
+    holding the widget's trait notifications; an edit sent meanwhile from the live feed's thread would be sent as
+    None and lost (a blank plot). Taking one lock for both keeps them apart.
+    """
+
+    def __init__(self, lock: threading.RLock) -> None:
+        super().__init__()
+        self._workbench_lock = lock
+
+    def set_state(self, sync_data):
+        with self._workbench_lock:
+            super().set_state(sync_data)
+
+
 class TraceView:
     """A figure of a trace at one step. Subclasses name the figure's frame (`layout_of`, fixed for a trace) and its
     traces at a step (`traces_of`), both from `workbench.widgets.figures`."""
@@ -31,10 +48,10 @@ class TraceView:
     def __init__(self, trace: Trace | None = None, step: int = -1) -> None:
         self.trace = trace
         self.step = step
-        self.figure_widget = go.FigureWidget()
+        self._lock = threading.RLock()  # the live feed draws from its own thread; a pick redraws inside a draw
+        self.figure_widget = _FigureWidget(self._lock)
         self._framed: Trace | None = None  # the trace whose frame the widget has
         self._sent: list[dict] = []  # the traces as last drawn
-        self._lock = threading.RLock()  # the live feed draws from its own thread; a pick redraws inside a draw
         self.widget = widgets.VBox([self.figure_widget, *self._controls()])
         if trace is not None:
             self.show(trace, step)
