@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 import ipywidgets as widgets
-import psutil
 
 import workbench
 from workbench.engines import adapter_class
+from workbench.engines.base import process_memory
 from workbench.errors import WorkbenchError
 from workbench.trace import Trace
 from workbench.widgets.live import LiveFeed
@@ -173,7 +173,7 @@ class Workbench:
             self.load_status.value = (f"{html.escape(info.engine)} {html.escape(info.engine_version)} on {info.device}: "
                                       f"{html.escape(info.model)}, {info.dtype}, "
                                       f"{info.weight_bytes / 2**20:.0f} MiB of weights, loaded in {seconds:.1f} s; "
-                                      f"this process now holds {psutil.Process().memory_info().rss / 2**30:.1f} GiB")
+                                      f"this process now holds {process_memory()[0] / 2**30:.1f} GiB")
         except WorkbenchError as exc:
             self.load_progress.bar_style = "danger"
             self._say(self.load_status, str(exc))
