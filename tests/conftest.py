@@ -11,6 +11,7 @@ import pytest
 
 import workbench as wb
 from workbench.cli import main as cli_main
+from workbench.report import run_notebook
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
@@ -69,3 +70,20 @@ def quickstart_report(tmp_path_factory) -> Path:
     assert cli_main(["report", str(NOTEBOOKS / "00_quickstart.ipynb"), "-p", "max_tokens", "16", "-o", str(out)]) == 0
     NOTEBOOK_SECONDS["00_quickstart"] = time.perf_counter() - start
     return out
+
+
+@pytest.fixture(scope="session")
+def notebook_report(tmp_path_factory):
+    """`notebook_report(name)` executes notebooks/NAME.ipynb with its default parameters once per session and
+    returns (executed notebook, HTML page); the notebook tests check the results, the browser test the page."""
+    out = tmp_path_factory.mktemp("notebook-reports")
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def run(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            start = time.perf_counter()
+            done[name] = run_notebook(NOTEBOOKS / f"{name}.ipynb", out_dir=out, progress_bar=False)
+            NOTEBOOK_SECONDS[name] = time.perf_counter() - start
+        return done[name]
+
+    return run

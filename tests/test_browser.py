@@ -2,7 +2,7 @@
 
 1. The quickstart notebook opened in JupyterLab, all cells run, then the Workbench's Load and Run pressed: the
    generated text must appear and the live KV block map must draw. Screenshots go to reports/browser/.
-2. The HTML report of an executed notebook opened with the network off: every figure must be drawn.
+2. The HTML report of every notebook with figures opened with the network off: every figure must be drawn.
 
 `make test` installs chromium with apt-get when it is missing. Without it these tests fail under CI (CI=true) and
 are skipped elsewhere.
@@ -119,9 +119,14 @@ def test_quickstart_in_jupyterlab_load_and_run_the_workbench(browser, jupyterlab
         page.close()
 
 
-def test_html_report_draws_every_figure_offline(browser, quickstart_report):
-    html = quickstart_report / "00_quickstart.html"
-    expected = read_results(quickstart_report / "00_quickstart.ipynb")["static_figures"]
+@pytest.mark.parametrize("name", ["00_quickstart", "02_paged_attention", "03_continuous_batching", "04_memory",
+                                  "05_engine_report"])
+def test_html_report_draws_every_figure_offline(browser, quickstart_report, notebook_report, name):
+    if name == "00_quickstart":  # executed through the `workbench report` command
+        executed, html = quickstart_report / f"{name}.ipynb", quickstart_report / f"{name}.html"
+    else:
+        executed, html = notebook_report(name)
+    expected = read_results(executed)["static_figures"]
     context = browser.new_context(offline=True)
     asked: list[str] = []
 
@@ -144,7 +149,7 @@ def test_html_report_draws_every_figure_offline(browser, quickstart_report):
             assert figures.nth(i).locator(".main-svg").count() > 0
             assert figures.nth(i).locator(".trace, .hm, .heatmaplayer image, .scatterlayer path").count() > 0
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(ARTIFACTS / "report-offline.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"report-offline-{name}.png"), full_page=True)
         assert not [url for url in asked if "plot" in url], f"the page asked the network for plotly: {asked}"
     finally:
         context.close()

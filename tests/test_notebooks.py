@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
-from conftest import NOTEBOOK_SECONDS, NOTEBOOKS
-from workbench.report import read_results, run_notebook
+import workbench as wb
+from workbench.report import read_results
 
 
 def test_quickstart_report(quickstart_report):
@@ -23,10 +21,8 @@ def test_quickstart_report(quickstart_report):
     assert len(page) < 12_000_000  # plotly.js once (4.6 MB), no widget bundles
 
 
-def test_paged_attention_notebook(tmp_path):
-    start = time.perf_counter()
-    executed, page = run_notebook(NOTEBOOKS / "02_paged_attention.ipynb", out_dir=tmp_path, progress_bar=False)
-    NOTEBOOK_SECONDS["02_paged_attention"] = time.perf_counter() - start
+def test_paged_attention_notebook(notebook_report):
+    executed, page = notebook_report("02_paged_attention")
     results = read_results(executed)
     assert results["shared_blocks"] > 0 and results["cached_tokens"] >= results["block_size"]
     assert results["preemptions"] > 0 and results["preemptions"] == results["vllm_num_preemptions"]
@@ -34,10 +30,8 @@ def test_paged_attention_notebook(tmp_path):
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
 
-def test_continuous_batching_notebook(tmp_path):
-    start = time.perf_counter()
-    executed, page = run_notebook(NOTEBOOKS / "03_continuous_batching.ipynb", out_dir=tmp_path, progress_bar=False)
-    NOTEBOOK_SECONDS["03_continuous_batching"] = time.perf_counter() - start
+def test_continuous_batching_notebook(notebook_report):
+    executed, page = notebook_report("03_continuous_batching")
     results = read_results(executed)
     assert set(results["engines"]) >= {"transformers", "transformers-paged"}
     for name, ttft in results["ttft_continuous_s"].items():
@@ -45,4 +39,61 @@ def test_continuous_batching_notebook(tmp_path):
     assert results["max_running"]["transformers-paged"] > 1  # requests really ran together
     limits = results["ttft_by_batch_limit"]
     assert limits["2"] > limits["8"]  # a tight cap keeps arrivals waiting
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+def test_engines_tour_notebook(notebook_report):
+    executed, _ = notebook_report("01_engines_tour")
+    results = read_results(executed)
+    assert results["survey_engines"] == ["Transformers", "vLLM", "TGI", "TensorRT-LLM", "DeepSpeed"]
+    installed = {s.name for s in wb.engines() if s.installed}
+    assert set(results["available"]) == installed
+    for name, answer in results["answers"].items():
+        assert "Paris" in answer, f"{name} answered {answer!r}"
+    assert results["greedy_tokens_agree"]  # same weights, same precision, greedy: same tokens in every engine
+    for name, missing in results["unavailable"].items():
+        assert missing["why"] and missing["how"], f"{name} does not say why it is missing or how to get it"
+    assert {"tgi", "tensorrt-llm"} <= set(results["unavailable"])
+
+
+def test_memory_notebook(notebook_report):
+    executed, page = notebook_report("04_memory")
+    results = read_results(executed)
+    rows, per_token = results["rows"], results["kv_bytes_per_token_config"]
+    assert per_token == {"float32": 2 * 30 * 3 * 64 * 4, "bfloat16": 2 * 30 * 3 * 64 * 2}  # SmolLM2's config
+    assert {"transformers float32", "transformers bfloat16", "transformers-paged float32"} <= set(rows)
+    for name, row in rows.items():  # every engine's real cache tensors hold exactly the config's bytes per token
+        assert row["kv_bytes_per_token_measured"] == row["kv_bytes_per_token"] == per_token[name.split()[-1]], name
+        assert row["weights_bytes"] > 0 and row["kv_cache_bytes"] > 0
+    assert rows["transformers bfloat16"]["weights_bytes"] * 2 == rows["transformers float32"]["weights_bytes"]
+    assert rows["transformers-paged float32"]["kv_cache_bytes"] > 100 * rows["transformers float32"]["kv_cache_bytes"]
+    for name, error in results["errors"].items():
+        assert error and "float32" in error, f"{name}: {error!r}"
+    for fits in results["fits"].values():
+        contiguous = next(v for k, v in fits.items() if k.startswith("contiguous"))
+        assert contiguous < fits["paged, block 16"] <= fits["exact length"]
+    if "vllm float32" in rows:
+        check = results["vllm_check"]  # vLLM's own admission sum agrees with the workbench's
+        assert check["workbench_requests_that_fit"] == int(check["vllm_max_concurrency"])
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+def test_engine_report_notebook(notebook_report):
+    executed, page = notebook_report("05_engine_report")
+    results = read_results(executed)
+    installed = [s.name for s in wb.engines() if s.installed]
+    assert results["engines"] == installed  # a row per engine installed here
+    for name, row in results["table"].items():
+        for column in ("tokens/s", "TTFT p50 s", "TTFT p95 s", "TPOT s", "peak memory GiB", "load s"):
+            assert row[column] > 0, f"{name}: {column} = {row[column]}"
+        assert row["TTFT p95 s"] >= row["TTFT p50 s"]
+        assert 0 <= row["KV waste %"] < 100
+    assert {"performance (survey)", "ease of use", "distributed support", "hardware dependency",
+            "typical use"} <= set(results["survey_columns"])
+    claims = {c["claim"]: c for c in results["claims"]}
+    speed = claims["vLLM is 14 to 24 times faster than Transformers"]
+    if {"vllm", "transformers"} <= set(installed):
+        table = results["table"]
+        assert speed["measured here"] == table["vllm"]["tokens/s"] / table["transformers"]["tokens/s"]
+    assert claims["vLLM is 2.2 to 2.5 times faster than TGI"]["verdict"].startswith("not measured here")
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]

@@ -52,3 +52,9 @@ def test_notebooks_are_committed_clean():
         assert all(not c.outputs and c.execution_count is None for c in code), path.name
         assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1, path.name
         assert nb.metadata["kernelspec"]["name"] and nb.metadata["language_info"]["name"] == "python"
+
+
+def test_every_notebook_is_executed_and_checked_by_a_test():
+    tests = (ROOT / "tests" / "test_notebooks.py").read_text() + (ROOT / "tests" / "conftest.py").read_text()
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        assert f'"{path.stem}"' in tests or path.name in tests, f"no test executes {path.name}"

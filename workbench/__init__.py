@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workbench.engines import EngineStatus, adapter_class, engine_statuses
+from workbench.engines import EngineStatus, accepted_options, adapter_class, engine_statuses
 from workbench.engines.base import Engine
 from workbench.errors import (
     EngineNotInstalledError,
@@ -21,7 +21,7 @@ from workbench.errors import (
     WorkbenchError,
 )
 from workbench.models import DEFAULT_MODEL, list_models, resolve_model
-from workbench.types import EngineInfo, GenerationResult, RequestMetrics, SamplingOptions
+from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,15 @@ def load(engine: str, model: str = DEFAULT_MODEL, **options: Any) -> Engine:
     return cls(resolve_model(model), **options)
 
 
+def engine_options(engine: str) -> tuple[str, ...]:
+    """The options `load(engine, ...)` accepts, e.g. to pass `block_size` only to the engines that have one.
+
+    >>> "block_size" in wb.engine_options("vllm")      # doctest: +SKIP
+    True
+    """
+    return accepted_options(engine)
+
+
 def engines() -> list[EngineStatus]:
     """Every engine the workbench knows, installed or not, with the reason and the install command when not."""
     return engine_statuses()
@@ -47,6 +56,7 @@ def engines() -> list[EngineStatus]:
 
 __all__ = [
     "DEFAULT_MODEL", "Engine", "EngineInfo", "EngineNotInstalledError", "EngineStatus", "GenerationResult",
-    "InvalidRequestError", "ModelNotFoundError", "RequestMetrics", "SamplingOptions", "UnknownEngineError",
-    "UnsupportedOptionError", "WorkbenchError", "engines", "list_models", "load", "resolve_model",
+    "InvalidRequestError", "KVCacheMeasurement", "ModelNotFoundError", "RequestMetrics", "SamplingOptions",
+    "UnknownEngineError", "UnsupportedOptionError", "WorkbenchError", "engine_options", "engines", "list_models", "load",
+    "resolve_model",
 ]

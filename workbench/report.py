@@ -11,19 +11,32 @@ and a test, or anyone, reads them back from the executed copy with `read_results
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 RESULTS_MIME = "application/vnd.workbench.results+json"
 
 
-def record(**values: Any) -> dict[str, Any]:
-    """Show `values` in the notebook and store them in its output, where `read_results` finds them."""
+def record(**values: Any) -> None:
+    """Show `values` in the notebook and store them in its output, where `read_results` finds them.
+
+    Nothing is returned, so a `record(...)` as a cell's last line shows the values once."""
     from IPython.display import display
 
-    data = json.loads(json.dumps(values, default=str))  # what is stored is what JSON can hold
+    data = _json_safe(json.loads(json.dumps(values, default=str)))  # what is stored is what JSON can hold
     display({RESULTS_MIME: data, "text/plain": _summary(data)}, raw=True)
-    return values
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (pandas' missing values) as None: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _summary(data: dict[str, Any]) -> str:

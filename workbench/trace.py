@@ -24,6 +24,12 @@ STATES = ("waiting", "prefill", "decode", "preempted", "finished")
 BLOCK_FREE, BLOCK_CACHED, BLOCK_USED, BLOCK_RESERVED = ".", "c", "u", "x"
 
 
+def tokens_in_block(computed_tokens: int, logical: int, block_size: int) -> int:
+    """Tokens of a sequence with `computed_tokens` in the cache that sit in its logical block `logical` (the last
+    block of a sequence is partly filled)."""
+    return max(0, min(block_size, computed_tokens - logical * block_size))
+
+
 @dataclass(frozen=True)
 class CacheFacts:
     """What does not change during a run: how the KV cache is laid out."""

@@ -98,6 +98,19 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class KVCacheMeasurement:
+    """The KV cache an engine allocated, measured from its tensors: their bytes and how many tokens they hold."""
+
+    bytes: int
+    token_slots: int
+    source: str  # which tensors were measured
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.token_slots if self.token_slots else 0.0
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """Static facts about a loaded engine."""
 

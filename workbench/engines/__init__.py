@@ -79,3 +79,8 @@ def adapter_class(name: str):
     module_name, class_name = spec.adapter.split(":")
     module = importlib.import_module(f"workbench.engines.{module_name}")
     return getattr(module, class_name)
+
+
+def accepted_options(name: str) -> tuple[str, ...]:
+    """The options `workbench.load(name, ...)` accepts: dtype, max_model_len and the engine's own."""
+    return ("dtype", "max_model_len", *adapter_class(name).extra_options)

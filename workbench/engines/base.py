@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
+from workbench.memory import kv_shape
 from workbench.models import ResolvedModel
 from workbench.trace import CacheFacts, StepSnapshot, Trace, TraceRecorder, TraceRequest
-from workbench.types import EngineInfo, GenerationResult, RequestMetrics, SamplingOptions
+from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
 from workbench.workload import Request, as_requests
 
 
@@ -63,7 +64,10 @@ class Engine(ABC):
         self._lock = threading.Lock()
         # Set by `stop()` from another thread; the adapters look at it once per engine step.
         self._stop_requested = threading.Event()
+        start = time.perf_counter()
         self._load()
+        #: seconds `__init__` spent in the engine's own load (weights, cache, warm-up), tokenizer and config excluded
+        self.load_seconds = time.perf_counter() - start
 
     # ---- hooks an adapter implements -------------------------------------------------------------------------
     @abstractmethod
@@ -92,14 +96,13 @@ class Engine(ABC):
     def _cache_facts(self) -> CacheFacts:
         """How this engine lays out its KV cache."""
 
+    @abstractmethod
+    def _measure_kv_cache(self) -> KVCacheMeasurement:
+        """The KV cache tensors this engine allocates, measured from the tensors themselves."""
+
     def _kv_shape(self) -> tuple[int, int, int, int]:
         """(layers, KV heads, head dim, bytes per element) of the model, from its config."""
-        cfg = self.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        itemsize = 2 if self.dtype in ("float16", "fp16", "bfloat16", "bf16") else 4
-        return cfg.num_hidden_layers, kv_heads, head_dim, itemsize
+        return kv_shape(self.config, self.dtype)
 
     def _kv_bytes_per_token(self) -> int:
         """Bytes the keys and values of one token take in the cache, over all layers."""
@@ -125,6 +128,29 @@ class Engine(ABC):
         """How this engine lays out its KV cache: block size, number of blocks, bytes per block, layers, KV heads."""
         self._check_open()
         return self._cache_facts()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take over all layers, from the model's config:
+        2 (K and V) x layers x KV heads x head dim x bytes per element.
+
+        >>> engine.kv_bytes_per_token      # SmolLM2-135M in float32: 2 * 30 * 3 * 64 * 4      # doctest: +SKIP
+        46080
+        """
+        return self._kv_bytes_per_token()
+
+    def measure_kv_cache(self) -> KVCacheMeasurement:
+        """Measure the KV cache the engine really allocates: bytes of its cache tensors and the token slots they hold.
+
+        Compare `measure_kv_cache().bytes_per_token` with `kv_bytes_per_token` (the config's figure). A paged engine
+        reports its whole block pool; `transformers` (no cache between calls) reports the cache of a short prefill.
+
+        >>> engine.measure_kv_cache()      # doctest: +SKIP
+        KVCacheMeasurement(bytes=1073725440, token_slots=23301, source='vLLM model runner kv_caches (30 tensors)')
+        """
+        self._check_open()
+        with self._busy():
+            return self._measure_kv_cache()
 
     def generate(
         self,
@@ -204,7 +230,7 @@ class Engine(ABC):
             ids = self._encode(request.prompt, request.chat, request.system)
             prompts.append(ids)
             options.append(self._fit_to_context(ids, opts))
-        trace = Trace(self.name, self.model.name, self._cache_facts(),
+        trace = Trace(self.name, self.model.name, self.cache_facts,
                       [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s))
                        for i, (ids, opts, r) in enumerate(zip(prompts, options, items))])
         recorder = TraceRecorder(trace, record, on_step, on_tokens)

@@ -16,7 +16,7 @@ from workbench.engines.hf_common import eos_token_ids, generation_config, hf_inf
 from workbench.errors import WorkbenchError
 from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot,
                              StepSnapshot, TraceRecorder)
-from workbench.types import EngineInfo, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 # Where the manager sizes its cache and batches from free GPU memory, a CPU has none to read: bound them ourselves.
 _CPU_DEFAULT_KV_BYTES = 1 << 30
@@ -120,6 +120,23 @@ class TransformersPagedEngine(Engine):
         config = self._cb_config(None)
         # The block count is read from the allocator once the cache exists (the first step); this is the request.
         return self._layout(paged=True, block_size=config.page_size, num_blocks=config.num_blocks or 0)
+
+    def _measure_kv_cache(self) -> KVCacheMeasurement:
+        # The manager allocates its cache when its thread starts, and frees it when it stops.
+        import time
+
+        with self._manager(SamplingOptions(max_tokens=1), 1, [[self.pad_id]]) as manager:
+            deadline = time.monotonic() + 60
+            while manager.batch_processor is None and manager.is_running() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if manager.batch_processor is None:
+                raise WorkbenchError("transformers continuous batching did not start its cache: see the log.")
+            cache = manager.batch_processor.cache
+            allocator = next(iter(cache.cache_allocators.values()))
+            reserved = cache.pool.num_reserved_sectors * allocator.blocks_per_sector  # the never-allocated blocks
+            slots = (reserved + allocator.num_blocks) * allocator.tokens_per_page
+            source = f"PagedAttentionCache.cache_tensor ({allocator.num_blocks} blocks + {reserved} reserved)"
+            return KVCacheMeasurement(cache.cache_tensor.nbytes, slots, source)
 
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:

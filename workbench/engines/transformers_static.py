@@ -15,7 +15,7 @@ from workbench.engines.arrivals import RunClock
 from workbench.engines.base import Engine, RawOutput, finish_from_eos, process_memory
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
-from workbench.types import EngineInfo, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 
 class _StepClock:
@@ -184,6 +184,18 @@ class TransformersEngine(Engine):
     # ---- step traces ---------------------------------------------------------------------------------------------
     def _cache_facts(self) -> CacheFacts:
         return self._layout(paged=False, block_size=1, num_blocks=0)  # contiguous: a "block" is one token slot
+
+    def _measure_kv_cache(self) -> KVCacheMeasurement:
+        # `generate` keeps no cache between calls: measure the one a prefill builds, as generate's first step does.
+        import torch
+
+        tokens = 16
+        ids = torch.full((1, tokens), self.pad_id, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            cache = self.hf_model(input_ids=ids, use_cache=True).past_key_values
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return KVCacheMeasurement(sum(t.nbytes for t in tensors), tokens,
+                                  f"{type(cache).__name__} after a {tokens}-token prefill ({len(tensors)} tensors)")
 
     def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
              recorder: TraceRecorder) -> list[RawOutput]:

@@ -15,10 +15,10 @@ from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
 from workbench.engines.base import Engine, RawOutput, process_memory
-from workbench.errors import UnsupportedOptionError
+from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot,
                              RequestSnapshot, StepSnapshot, TraceRecorder)
-from workbench.types import EngineInfo, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 # vLLM reads these when it is imported: they must be set before.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -129,10 +129,27 @@ class VLLMEngine(Engine):
     def _info(self) -> EngineInfo:
         from workbench.models import count_parameters
 
+        # From the checkpoint: vLLM's CPU backend repacks linear weights for its kernels, out of `parameters()`' reach.
         params = count_parameters(self.model.path)
         itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
         return EngineInfo(self.name, vllm_version(), self.device, self.dtype, self.model.name, str(self.model.path),
                           params, params * itemsize, self.max_model_len, dict(self.options))
+
+    def _model_runner(self):
+        """vLLM's model runner when the engine core runs in this process (it holds the weights and KV tensors)."""
+        executor = getattr(self.llm_engine.engine_core, "engine_core", None)
+        worker = getattr(getattr(executor, "model_executor", None), "driver_worker", None)
+        worker = getattr(worker, "worker", worker)
+        return getattr(worker, "model_runner", None)
+
+    def _measure_kv_cache(self) -> KVCacheMeasurement:
+        runner = self._model_runner()
+        if runner is None:
+            raise WorkbenchError("vLLM's engine core runs in another process here: its KV tensors cannot be measured.")
+        tensors = list(runner.kv_caches)
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return KVCacheMeasurement(sum(t.nbytes for t in tensors), pool.num_gpu_blocks * self.scheduler.block_size,
+                                  f"vLLM model runner kv_caches ({len(tensors)} tensors, {pool.num_gpu_blocks} blocks)")
 
     def _release(self) -> None:
         _open_engines.discard(self)

@@ -18,7 +18,7 @@ from typing import Any
 import ipywidgets as widgets
 
 import workbench
-from workbench.engines import adapter_class
+from workbench.engines import accepted_options
 from workbench.engines.base import process_memory
 from workbench.errors import WorkbenchError
 from workbench.trace import Trace
@@ -133,7 +133,7 @@ class Workbench:
     # ---- loading -----------------------------------------------------------------------------------------------
     def engine_options(self, engine: str) -> dict[str, Any]:
         """The options the pickers set, for those `engine` accepts."""
-        accepted = set(adapter_class(engine).extra_options) | {"dtype", "max_model_len"}
+        accepted = set(accepted_options(engine))
         values = {"dtype": self.dtype.value, "max_model_len": self.max_model_len.value,
                   "kv_cache_gb": self.kv_cache_gb.value, "block_size": self.block_size.value,
                   "max_batch_size": self.max_batch_size.value,

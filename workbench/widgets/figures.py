@@ -15,7 +15,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from workbench.trace import BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, STATES, StepSnapshot, Trace
+from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, STATES, StepSnapshot, Trace,
+                             tokens_in_block)
 
 REQUEST_COLORS = qualitative.Plotly + qualitative.D3[1:] + qualitative.Set2
 BLOCK_COLORS = {BLOCK_FREE: "#eeeeee", BLOCK_CACHED: "#b7d7f0", BLOCK_RESERVED: "#555555"}
@@ -43,12 +44,6 @@ def _steps_upto(trace: Trace, upto: int) -> list[StepSnapshot]:
     return trace.steps[: (upto % len(trace.steps)) + 1] if trace.steps else []
 
 
-def _tokens_in_block(computed_tokens: int, logical: int, block_size: int) -> int:
-    """Tokens of a sequence with `computed_tokens` in the cache that sit in its logical block `logical` (the last
-    block of a sequence is partly filled)."""
-    return max(0, min(block_size, computed_tokens - logical * block_size))
-
-
 def kv_cache_points(trace: Trace, step: int = -1) -> list[dict]:
     """One dict per physical block at `step`: id, state, owners, tokens held and the logical index in each owner.
 
@@ -61,7 +56,7 @@ def kv_cache_points(trace: Trace, step: int = -1) -> list[dict]:
     for r in snap.requests:
         for logical, block in enumerate(r.block_ids):
             holders.setdefault(block, []).append((r.request_id, logical,
-                                                  _tokens_in_block(r.computed_tokens, logical, size)))
+                                                  tokens_in_block(r.computed_tokens, logical, size)))
     points = []
     for block, state in enumerate(snap.blocks):
         held = holders.get(block, [])
@@ -167,7 +162,7 @@ def block_table(trace: Trace, request_id: str, step: int = -1) -> list[dict]:
     owners = snap.block_owners()
     size = trace.facts.block_size
     return [{"logical": i, "physical": block,
-             "tokens": _tokens_in_block(request.computed_tokens, i, size),
+             "tokens": tokens_in_block(request.computed_tokens, i, size),
              "shared_with": [o for o in owners.get(block, []) if o != request_id]}
             for i, block in enumerate(request.block_ids)]
 

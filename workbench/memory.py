@@ -1,0 +1,124 @@
+"""Where an engine's memory goes: weights, KV cache and the rest, and how many requests fit in a budget.
+
+The KV figure from a model's config is `2 (K and V) x layers x KV heads x head dim x bytes per element` per token;
+`measure_memory` loads an engine in a fresh Python process (so nothing else the kernel holds is counted) and
+measures what it really allocates.
+
+>>> from workbench.memory import kv_bytes_per_token, measure_memory, requests_that_fit
+>>> kv_bytes_per_token("smollm2-135m", "float32")                     # doctest: +SKIP
+46080
+>>> measure_memory("vllm", dtype="float32")["kv_cache_bytes"]          # doctest: +SKIP
+1073479680
+>>> requests_that_fit(4 * 2**30, weights_bytes=538_060_032, bytes_per_token=46080, tokens_per_request=1000,
+...                   block_size=32)
+79
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from math import ceil
+from typing import Any
+
+_HALF = ("float16", "fp16", "bfloat16", "bf16")
+
+
+def kv_shape(config, dtype: str) -> tuple[int, int, int, int]:
+    """(layers, KV heads, head dim, bytes per element) of a model config in `dtype`."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    itemsize = 2 if dtype in _HALF else 4
+    return config.num_hidden_layers, kv_heads, head_dim, itemsize
+
+
+def kv_bytes_per_token(model, dtype: str = "float32") -> int:
+    """Bytes one token's keys and values take over all layers, from the model's config (a model alias, a folder,
+    or a config object)."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        from workbench.models import resolve_model
+
+        model = AutoConfig.from_pretrained(resolve_model(model).path)
+    layers, kv_heads, head_dim, itemsize = kv_shape(model, dtype)
+    return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def requests_that_fit(budget_bytes: int, weights_bytes: int, bytes_per_token: int, tokens_per_request: int,
+                      block_size: int = 1, reserve_tokens: int | None = None) -> int:
+    """How many requests of `tokens_per_request` (prompt + output) hold their KV cache at once in `budget_bytes`,
+    once the weights are in.
+
+    A paged cache gives each request whole blocks of `block_size` tokens; a contiguous one reserves
+    `reserve_tokens` per request up front (the model's context, for systems that reserve the maximum).
+    """
+    per_request = reserve_tokens if reserve_tokens is not None else ceil(tokens_per_request / block_size) * block_size
+    room = budget_bytes - weights_bytes
+    return max(0, room // (per_request * bytes_per_token))
+
+
+def measure_memory(engine: str, model: str | None = None, dtype: str = "float32", prompt: str = "Tell me a story.",
+                   max_tokens: int = 32, timeout_s: float = 600, **options: Any) -> dict[str, Any]:
+    """Load `engine` in a fresh Python process, generate once, and report where its memory went.
+
+    Keys: baseline_bytes (the process with the engine's libraries imported), weights_bytes, kv_cache_bytes (paged
+    engines: the block pool; `transformers`: the cache this request built), rest_bytes (the peak less all three:
+    activations, buffers, allocator slack), peak_bytes, kv_bytes_per_token (config) and
+    kv_bytes_per_token_measured, load_s, answer. On failure, `error` holds the engine's own short message.
+    """
+    from workbench.models import DEFAULT_MODEL
+
+    spec = {"engine": engine, "model": model or DEFAULT_MODEL, "dtype": dtype, "prompt": prompt,
+            "max_tokens": max_tokens, "options": options}
+    env = dict(os.environ, TQDM_DISABLE="1")
+    try:
+        done = subprocess.run([sys.executable, "-m", "workbench.memory", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"engine": engine, "dtype": dtype, "error": f"no answer within {timeout_s:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"engine": engine, "dtype": dtype, "error": f"the measuring process failed: {tail}"}
+    return json.loads(lines[-1])
+
+
+def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the child process: imports, baseline, load, generate, and the figures `measure_memory` returns."""
+    import importlib
+
+    import workbench as wb
+    from workbench.engines import SPECS
+    from workbench.engines.base import process_memory
+
+    row: dict[str, Any] = {"engine": spec["engine"], "dtype": spec["dtype"]}
+    try:
+        for module in SPECS[spec["engine"]].requires if spec["engine"] in SPECS else ():
+            importlib.import_module(module)  # the libraries count in the baseline, not in the engine's share
+        baseline, _ = process_memory()
+        with wb.load(spec["engine"], model=spec["model"], dtype=spec["dtype"], **spec["options"]) as engine:
+            loaded, _ = process_memory()
+            info, facts = engine.info, engine.cache_facts
+            kv = engine.measure_kv_cache()
+            result = engine.generate(spec["prompt"], max_tokens=spec["max_tokens"], temperature=0)[0]
+            _, peak = process_memory()
+            tokens = result.metrics.prompt_tokens + result.metrics.generated_tokens
+            kv_bytes = kv.bytes if facts.paged else round(kv.bytes_per_token * tokens)
+            row.update(
+                baseline_bytes=baseline, loaded_bytes=loaded, peak_bytes=peak, weights_bytes=info.weight_bytes,
+                kv_cache_bytes=kv_bytes, rest_bytes=peak - baseline - info.weight_bytes - kv_bytes,
+                kv_bytes_per_token=engine.kv_bytes_per_token, kv_bytes_per_token_measured=kv.bytes_per_token,
+                kv_source=kv.source, kv_token_slots=kv.token_slots if facts.paged else tokens,
+                paged=facts.paged, block_size=facts.block_size, max_model_len=facts.max_model_len,
+                load_s=engine.load_seconds, answer=result.text)
+    except wb.WorkbenchError as exc:
+        row["error"] = str(exc)
+    return row
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure(json.loads(sys.argv[1]))), flush=True)
