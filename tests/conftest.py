@@ -15,14 +15,15 @@ from workbench.report import run_notebook
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
-ENGINES = ["transformers", "transformers-paged", "vllm"]
+ENGINES = ["transformers", "transformers-paged", "vllm", "deepspeed"]
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def engine_params():
-    return [pytest.param(name, marks=pytest.mark.skipif(name == "vllm" and not HAVE_VLLM,
-                                                         reason="vllm is not installed"))
+    missing = {"vllm": not HAVE_VLLM, "deepspeed": not HAVE_DEEPSPEED}
+    return [pytest.param(name, marks=pytest.mark.skipif(missing.get(name, False), reason=f"{name} is not installed"))
             for name in ENGINES]
 
 

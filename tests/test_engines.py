@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM
+from conftest import HAVE_DEEPSPEED, HAVE_VLLM
 
 QUESTION = "What is the capital of France?"
 
@@ -130,3 +130,24 @@ def test_closing_or_dropping_one_vllm_engine_keeps_the_others_working(load_share
 
     gc.collect()
     assert "Paris" in shared.generate([QUESTION], max_tokens=16, temperature=0)[0].text
+
+
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
+def test_deepspeed_gives_the_same_greedy_tokens_as_transformers(load_shared):
+    prompts = [QUESTION, "Explain what a KV cache is in one sentence."]
+    deepspeed = load_shared("deepspeed")
+    got = [r.token_ids for r in deepspeed.generate(prompts, max_tokens=32, temperature=0)]
+    expected = [r.token_ids for r in load_shared("transformers").generate(prompts, max_tokens=32, temperature=0)]
+    assert got == expected  # the same HF model and kernels under DeepSpeed's wrapper on a CPU: every token
+    assert "GPU" in deepspeed.info.options["kernel_inject"]  # it says why injection is off here
+    assert deepspeed.info.engine_version.startswith("deepspeed ")
+
+
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
+def test_deepspeed_kernel_injection_without_a_gpu_is_a_clear_error():
+    with pytest.raises(wb.UnsupportedOptionError, match="needs a CUDA GPU"):
+        wb.load("deepspeed", model="tiny-llama", kernel_inject=True)
+    with pytest.raises(wb.UnsupportedOptionError, match="deepspeed launcher"):  # one process cannot hold 2 ranks
+        wb.load("deepspeed", model="tiny-llama", tensor_parallel_size=2)
+    with wb.load("deepspeed", model="tiny-llama") as engine:  # and loading without it still works
+        assert len(engine.generate("Hi", max_tokens=3, temperature=0, chat=False)[0].token_ids) == 3

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import workbench as wb
+from conftest import HAVE_VLLM
 from workbench.report import read_results
 
 
@@ -46,7 +49,7 @@ def test_engines_tour_notebook(notebook_report):
     executed, _ = notebook_report("01_engines_tour")
     results = read_results(executed)
     assert results["survey_engines"] == ["Transformers", "vLLM", "TGI", "TensorRT-LLM", "DeepSpeed"]
-    installed = {s.name for s in wb.engines() if s.installed}
+    installed = {s.name for s in wb.engines() if s.installed and not s.remote}
     assert set(results["available"]) == installed
     for name, answer in results["answers"].items():
         assert "Paris" in answer, f"{name} answered {answer!r}"
@@ -81,7 +84,7 @@ def test_memory_notebook(notebook_report):
 def test_engine_report_notebook(notebook_report):
     executed, page = notebook_report("05_engine_report")
     results = read_results(executed)
-    installed = [s.name for s in wb.engines() if s.installed]
+    installed = [s.name for s in wb.engines() if s.installed and not s.remote]
     assert results["engines"] == installed  # a row per engine installed here
     for name, row in results["table"].items():
         for column in ("tokens/s", "TTFT p50 s", "TTFT p95 s", "TPOT s", "peak memory GiB", "load s"):
@@ -96,4 +99,17 @@ def test_engine_report_notebook(notebook_report):
         table = results["table"]
         assert speed["measured here"] == table["vllm"]["tokens/s"] / table["transformers"]["tokens/s"]
     assert claims["vLLM is 2.2 to 2.5 times faster than TGI"]["verdict"].startswith("not measured here")
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="the notebook starts vLLM's OpenAI server")
+def test_serving_dashboard_notebook(notebook_report):
+    executed, page = notebook_report("06_serving_dashboard")
+    results = read_results(executed)
+    assert results["server_kind"] == "vllm"
+    assert results["answered"] == results["requests"]
+    assert results["output_tokens"] == [48] * results["requests"]  # the server's usage counts
+    assert results["max_server_running"] > 1  # the server's /metrics saw requests batched together
+    assert results["server_generation_tokens"] == sum(results["output_tokens"])
+    assert results["tokens_per_s"] > 0
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]

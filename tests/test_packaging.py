@@ -24,7 +24,7 @@ def _pip_lines_of_environment() -> list[str]:
 def test_environment_yml_agrees_with_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     expected = [*project["dependencies"], *project["optional-dependencies"]["vllm"],
-                *project["optional-dependencies"]["dev"]]
+                *project["optional-dependencies"]["deepspeed"], *project["optional-dependencies"]["dev"]]
     got = [line for line in _pip_lines_of_environment() if not line.startswith("-e")]
     assert sorted(got) == sorted(expected)
     assert "-e ." in _pip_lines_of_environment()

@@ -26,18 +26,23 @@ from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, Re
 __version__ = "0.1.0"
 
 
-def load(engine: str, model: str = DEFAULT_MODEL, **options: Any) -> Engine:
+def load(engine: str, model: str | None = None, **options: Any) -> Engine:
     """Load `model` in `engine` and return the engine, ready to generate.
 
-    `model` is an alias (see `workbench.list_models()`), a local Hugging Face folder or a hub id. `options` go to
-    the engine: `dtype`, `max_model_len`, and the engine's own (for vLLM: `block_size`, `num_blocks`,
-    `enable_prefix_caching`, `max_batch_size`, `kv_cache_gb`, ...).
+    `model` is an alias (see `workbench.list_models()`, default the bundled SmolLM2), a local Hugging Face folder or
+    a hub id; for a server engine (`openai`), the name the server serves it under (default: its only model).
+    `options` go to the engine: `dtype`, `max_model_len`, and the engine's own (for vLLM: `block_size`,
+    `num_blocks`, `enable_prefix_caching`, `max_batch_size`, `kv_cache_gb`, ...; for `openai`: `url`,
+    `api_key_env`, `timeout_s`).
 
     >>> with wb.load("transformers", model="tiny-llama") as e:           # doctest: +SKIP
     ...     e.generate("Hello", max_tokens=4)
+    >>> wb.load("openai", url="http://127.0.0.1:8000/v1")               # doctest: +SKIP
     """
     cls = adapter_class(engine)  # unknown or missing engines fail before any model is built
-    return cls(resolve_model(model), **options)
+    if cls.remote:  # a server: the model is a name on it, nothing to resolve here
+        return cls(model, **options)
+    return cls(resolve_model(model or DEFAULT_MODEL), **options)
 
 
 def engine_options(engine: str) -> tuple[str, ...]:
@@ -57,6 +62,6 @@ def engines() -> list[EngineStatus]:
 __all__ = [
     "DEFAULT_MODEL", "Engine", "EngineInfo", "EngineNotInstalledError", "EngineStatus", "GenerationResult",
     "InvalidRequestError", "KVCacheMeasurement", "ModelNotFoundError", "RequestMetrics", "SamplingOptions",
-    "UnknownEngineError", "UnsupportedOptionError", "WorkbenchError", "engine_options", "engines", "list_models", "load",
-    "resolve_model",
+    "UnknownEngineError", "UnsupportedOptionError", "WorkbenchError", "engine_options", "engines", "list_models",
+    "load", "resolve_model",
 ]

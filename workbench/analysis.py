@@ -26,7 +26,7 @@ def kv_waste(trace: Trace, block_sizes: Sequence[int] = (16, 32, 64, 128)):
     by_id = {q.request_id: q for q in trace.requests}
     lengths, reservations = [], []
     for q, result in zip(trace.requests, trace.results):
-        lengths.append(q.prompt_tokens + len(result.token_ids))
+        lengths.append(q.prompt_tokens + result.metrics.generated_tokens)
         reservations.append(q.prompt_tokens + by_id[q.request_id].max_tokens)
     used = sum(lengths)
     per_token = trace.facts.bytes_per_token
@@ -59,7 +59,7 @@ def run_summary(trace: Trace) -> dict:
 
     pairs = list(zip(trace.requests, trace.results))
     span = max(q.arrival_s + r.metrics.total_s for q, r in pairs) - min(q.arrival_s for q, _ in pairs)
-    tokens = sum(len(r.token_ids) for _, r in pairs)
+    tokens = sum(r.metrics.generated_tokens for _, r in pairs)  # a server's count where no ids came
     ttft = np.array([r.metrics.ttft_s for _, r in pairs])
     tpot = [r.metrics.tpot_s for _, r in pairs if r.metrics.generated_tokens > 1]
     return {"engine": trace.engine, "requests": len(pairs), "output_tokens": tokens,

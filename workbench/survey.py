@@ -52,7 +52,7 @@ ENGINES: tuple[EngineProfile, ...] = (
         "high", "moderate: a Docker image", "tensor parallel shards across GPUs", "NVIDIA, AMD, Gaudi, Inferentia",
         "production serving of Hub models",
         ("tgi",), "a running TGI server (usually a Docker container on a GPU)",
-        "docker run ghcr.io/huggingface/text-generation-inference --model-id MODEL, then connect over HTTP"),
+        "docker run ghcr.io/huggingface/text-generation-inference --model-id MODEL"),
     EngineProfile(
         "TensorRT-LLM", "NVIDIA's library that compiles models into optimized engines for its GPUs.",
         ("compiled graphs", "kernel fusion", "FP16, FP8 and INT8/INT4 quantization", "in-flight batching",
@@ -114,7 +114,10 @@ def availability() -> list[dict[str, Any]]:
     for engine in ENGINES:
         for name in engine.workbench_engines:
             status = statuses.get(name)
-            if status is not None and status.installed:
+            if status is not None and status.remote:  # a client: there is something to run only with a server
+                reason = f"a server engine: it talks to a running {engine.name} server, and none is set up here"
+                how = f"{engine.get_it}; then workbench.load({name!r}, url=...)"
+            elif status is not None and status.installed:
                 reason, how = "", ""
             elif status is not None:
                 reason, how = f"{status.reason}; it needs {engine.needs}", status.install

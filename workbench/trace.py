@@ -193,7 +193,7 @@ class Trace:
             rows.append({**asdict(q), "first_step": first.get(q.request_id), "finish_step": last.get(q.request_id),
                          "preemptions": preemptions.get(q.request_id, 0),
                          "cached_tokens": cached.get(q.request_id, 0),
-                         "output_tokens": len(res.token_ids) if res else None,
+                         "output_tokens": res.metrics.generated_tokens if res else None,
                          "ttft_s": res.metrics.ttft_s if res else None,
                          "tpot_s": res.metrics.tpot_s if res else None,
                          "finish_reason": res.finish_reason if res else None})

@@ -21,17 +21,19 @@ class EngineSpec:
     requires: tuple[str, ...]
     extra: str
     description: str
+    remote: bool = False  # a server reached over HTTP: its model lives there, not in this process
 
 
 @dataclass(frozen=True)
 class EngineStatus:
-    """Whether an engine can be loaded here, and if not, why and how to install it."""
+    """Whether an engine can be loaded here, and if not, why and how to install it. `remote`: a server engine."""
 
     name: str
     installed: bool
     description: str
     reason: str = ""
     install: str = ""
+    remote: bool = False
 
 
 SPECS: dict[str, EngineSpec] = {
@@ -43,6 +45,15 @@ SPECS: dict[str, EngineSpec] = {
                    "HF Transformers continuous batching with its paged KV cache"),
         EngineSpec("vllm", "vllm:VLLMEngine", ("vllm",), "vllm",
                    "vLLM in-process: PagedAttention, continuous batching, prefix caching"),
+        EngineSpec("deepspeed", "deepspeed_inference:DeepSpeedEngine", ("deepspeed", "torch", "transformers"),
+                   "deepspeed", "DeepSpeed inference around the HF model (kernel injection and tensor parallelism "
+                   "on GPUs)"),
+        EngineSpec("openai", "openai_server:OpenAIEngine", ("openai", "httpx", "prometheus_client"), "",
+                   "any OpenAI-compatible server over HTTP (vLLM, SGLang, trtllm-serve, llama.cpp, TGI's /v1); "
+                   "traces from its /metrics", remote=True),
+        EngineSpec("tgi", "tgi:TGIEngine", ("openai", "httpx", "prometheus_client"), "",
+                   "a Hugging Face TGI server over HTTP: /generate_stream with token ids, /info; traces from /metrics",
+                   remote=True),
     )
 }
 
@@ -62,7 +73,7 @@ def engine_statuses() -> list[EngineStatus]:
         missing = _missing(spec)
         reason = f"missing Python package(s): {', '.join(missing)}" if missing else ""
         statuses.append(EngineStatus(spec.name, not missing, spec.description, reason,
-                                     _install_hint(spec) if missing else ""))
+                                     _install_hint(spec) if missing else "", spec.remote))
     return statuses
 
 
@@ -84,3 +95,4 @@ def adapter_class(name: str):
 def accepted_options(name: str) -> tuple[str, ...]:
     """The options `workbench.load(name, ...)` accepts: dtype, max_model_len and the engine's own."""
     return ("dtype", "max_model_len", *adapter_class(name).extra_options)
+

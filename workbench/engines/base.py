@@ -44,6 +44,8 @@ class Engine(ABC):
     name: str = ""
     #: engine options this adapter accepts besides `dtype` and `max_model_len`
     extra_options: tuple[str, ...] = ()
+    #: a server reached over HTTP: `workbench.load` passes the model's name as the server knows it
+    remote: bool = False
 
     def __init__(self, model: ResolvedModel, dtype: str = "float32", max_model_len: int | None = None,
                  **options: Any) -> None:

@@ -84,6 +84,16 @@ def cpu_supports(dtype: str) -> bool:
     return any(f" {flag}" in flags for flag in needed)
 
 
+def cpu_shares(ranks: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` workers: this process's cores split into that many groups ("0|1",
+    "0-3|4-7"); with fewer cores than workers, workers share cores."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    per = max(1, len(cores) // ranks)
+    groups = [cores[(r * per) % len(cores): (r * per) % len(cores) + per] for r in range(ranks)]
+    contiguous = all(g[-1] - g[0] == len(g) - 1 for g in groups)
+    return "|".join(f"{g[0]}-{g[-1]}" if contiguous and len(g) > 1 else ",".join(map(str, g)) for g in groups)
+
+
 class VLLMEngine(Engine):
     name = "vllm"
     extra_options = (*_OPTION_TO_VLLM, "kv_cache_gb")
@@ -103,6 +113,12 @@ class VLLMEngine(Engine):
             )
         # vLLM on CPU otherwise pins torch to one thread "for serving"; a notebook wants every core.
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        options = self.options
+        ranks = int(options.get("tensor_parallel_size") or 1) * int(options.get("pipeline_parallel_size") or 1)
+        if current_platform.is_cpu() and ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM binds each CPU worker to a NUMA node and refuses more workers than nodes; one machine with one
+            # node can still run them, each bound to its own share of the cores.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_shares(ranks)
         from vllm import LLM
 
         kwargs = {vllm_name: self.options[name] for name, vllm_name in _OPTION_TO_VLLM.items() if name in self.options}

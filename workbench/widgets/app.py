@@ -48,7 +48,8 @@ class Workbench:
 
     # ---- layout ------------------------------------------------------------------------------------------------
     def _build(self, engine: str | None, model: str) -> None:
-        statuses = workbench.engines()
+        # The pickers load a model in this process; a server engine is connected to with `workbench.load("openai")`.
+        statuses = [s for s in workbench.engines() if not s.remote]
         installed = [s.name for s in statuses if s.installed]
         self._statuses = {s.name: s for s in statuses}
         self.engine_picker = widgets.Dropdown(
@@ -240,7 +241,7 @@ class Workbench:
             results = self.trace.results
             self.texts = {i: r.text for i, r in enumerate(results)}
             self._show_texts()
-            tokens = sum(len(r.token_ids) for r in results)
+            tokens = sum(r.metrics.generated_tokens for r in results)
             seconds = time.perf_counter() - start
             stopped = sum(r.finish_reason == "abort" for r in results)
             self.run_status.value = (f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tokens/s), "

@@ -1,0 +1,121 @@
+"""The `openai` engine against a real vLLM OpenAI-compatible server started on localhost (SmolLM2, float32).
+
+The server requires an API key, read from an environment variable on both sides. The last test kills the server
+mid-stream, so it stays last in this file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+
+import pytest
+
+import workbench as wb
+from conftest import HAVE_VLLM
+from workbench.servers import free_port, start_vllm_server
+from workbench.widgets.figures import STATE_CODES, memory_series, throughput_series, timeline_matrix
+from workbench.workload import make_workload
+
+pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (the test server is vLLM's)")
+
+KEY_ENV = "WORKBENCH_TEST_SERVER_KEY"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def server():
+    os.environ[KEY_ENV] = secrets.token_hex(16)
+    with start_vllm_server("smollm2-135m", api_key_env=KEY_ENV, max_model_len=2048, kv_cache_gb=0.5) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    with wb.load("openai", url=server.url, model="smollm2-135m", api_key_env=KEY_ENV) as engine:
+        yield engine
+
+
+def test_generate_and_stream_answer_like_the_in_process_engine(remote, load_shared):
+    result = remote.generate(QUESTION, max_tokens=16, temperature=0)[0]
+    assert result.text == "The capital of France is Paris."
+    assert result.finish_reason == "stop"
+    assert result.metrics.prompt_tokens > 10 and 0 < result.metrics.generated_tokens <= 16
+    assert "".join(remote.stream(QUESTION, max_tokens=16, temperature=0)) == result.text
+    local = load_shared("vllm").generate(QUESTION, max_tokens=16, temperature=0)[0]
+    assert local.text == result.text and local.metrics.prompt_tokens == result.metrics.prompt_tokens
+
+
+def test_concurrent_streams_are_seen_running_together_in_the_servers_metrics(remote):
+    workload = make_workload(n=8, output_tokens=64, seed=1)  # all at once, each exactly 64 tokens
+    trace = remote.run(workload)
+    assert [r.metrics.generated_tokens for r in trace.results] == [64] * 8
+    assert all(r.finish_reason == "length" for r in trace.results)
+    steps = trace.steps_df()
+    assert steps["server_running"].max() > 1  # from vllm:num_requests_running, not from the client
+    assert steps["kv_usage"].max() > 0
+    assert trace.engine_counters["generation_tokens"] == 8 * 64
+    assert all(q.prompt_tokens > 0 for q in trace.requests)
+    # what the views draw from a server's trace: requests decoding together, KV in use, tokens per second
+    _, _, states = timeline_matrix(trace)
+    decoding = [sum(row[c] == STATE_CODES["decode"] for row in states) for c in range(len(states[0]))]
+    assert max(decoding) > 1
+    assert max(memory_series(trace)["KV in use"]) > 0
+    assert max(throughput_series(trace)["tokens_per_s"]) > 0
+
+
+def test_stop_aborts_a_remote_run_and_the_engine_stays_usable(remote):
+    threading.Timer(1.0, remote.stop).start()
+    trace = remote.run(make_workload(n=3, output_tokens=400, seed=2))
+    assert all(r.finish_reason == "abort" for r in trace.results)
+    assert "Paris" in remote.generate(QUESTION, max_tokens=16, temperature=0)[0].text
+
+
+def test_the_api_key_is_written_nowhere(remote, tmp_path):
+    key = os.environ[KEY_ENV]
+    trace = remote.run(["Hello"], record=True)
+    saved = trace.save(tmp_path / "trace.jsonl").read_text()
+    for text in (saved, repr(remote), repr(remote.info), repr(remote.options)):
+        assert key not in text
+
+
+def test_a_wrong_key_is_a_401_naming_the_variable(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "not-the-key")
+    with pytest.raises(wb.WorkbenchError, match=f"401.*{KEY_ENV}"):
+        wb.load("openai", url=server.url, api_key_env=KEY_ENV)
+
+
+def test_a_server_that_is_down():
+    with pytest.raises(wb.WorkbenchError, match="cannot reach a server"):
+        wb.load("openai", url=f"http://127.0.0.1:{free_port()}/v1")
+
+
+def test_a_wrong_url(server):
+    with pytest.raises(wb.WorkbenchError, match="no OpenAI-compatible API"):
+        wb.load("openai", url=f"{server.root}/not/the/api", api_key_env=KEY_ENV)
+
+
+def test_a_model_the_server_does_not_serve(server):
+    with pytest.raises(wb.InvalidRequestError, match="does not serve model 'gpt-4'; it serves: smollm2-135m"):
+        wb.load("openai", url=server.url, model="gpt-4", api_key_env=KEY_ENV)
+
+
+def test_a_server_slower_than_the_timeout(server, remote):
+    slow = wb.load("openai", url=server.url, api_key_env=KEY_ENV, timeout_s=0.3)
+    long_prompt = "Summarize this. " + "The quick brown fox jumps over the lazy dog. " * 150  # a long prefill
+    for _ in range(2):  # the second time proves the first left the engine free (not "busy")
+        with pytest.raises(wb.WorkbenchError, match="did not answer within 0.3 s"):
+            slow.generate(long_prompt, max_tokens=8)
+    assert "Paris" in remote.generate(QUESTION, max_tokens=16, temperature=0)[0].text
+
+
+def test_a_stream_cut_off_midway(server, remote):
+    pieces = remote.stream("Tell me a very long story.", max_tokens=500, temperature=0)
+    received = [next(pieces) for _ in range(3)]
+    server.kill()  # the server dies mid-answer
+    with pytest.raises(wb.WorkbenchError, match="cut the stream off|cannot reach"):
+        received.extend(pieces)
+    assert received
+    with pytest.raises(wb.WorkbenchError, match="cannot reach a server"):  # a clear error again, not "busy"
+        remote.generate(QUESTION, max_tokens=4)

