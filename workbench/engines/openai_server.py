@@ -416,9 +416,12 @@ class _ClientView:
 
 
 def _local_folder(name: str) -> Path | None:
-    """The served model's folder on this machine when the name is an alias or a folder here (for its config)."""
-    from workbench.models import resolve_model
+    """The served model's folder on this machine when the name is a workbench alias or a folder here (for its
+    config); a hub id is not fetched: the weights are the server's business."""
+    from workbench.models import list_models, resolve_model
 
+    if name not in list_models() and not Path(name).is_dir():
+        return None
     try:
         return resolve_model(name).path
     except WorkbenchError:
