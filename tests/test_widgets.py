@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+import workbench as wb
 from conftest import HAVE_VLLM
 from workbench.trace import STATES
 from workbench.widgets import BatchTimeline, KVCacheView, LiveFeed, MemoryView, Replay, ThroughputView, Workbench
@@ -221,3 +222,10 @@ def test_engines_not_installed_are_shown_with_the_reason(monkeypatch):
     assert bench.load_button.disabled and "tensorrt_llm" in bench.engine_note.value
     bench.engine_picker.value = "transformers"
     assert not bench.load_button.disabled
+
+
+def test_workbench_picks_the_best_in_process_engine_and_lists_no_server_engines():
+    bench = Workbench()
+    installed = {s.name for s in wb.engines() if s.installed}
+    assert bench.engine_picker.value == ("vllm" if "vllm" in installed else "transformers-paged")
+    assert not {"openai", "tgi"} & {value for _, value in bench.engine_picker.options}

@@ -52,8 +52,10 @@ class Workbench:
         statuses = [s for s in workbench.engines() if not s.remote]
         installed = [s.name for s in statuses if s.installed]
         self._statuses = {s.name: s for s in statuses}
+        best = next((name for name in ("vllm", "transformers-paged", "transformers") if name in installed),
+                    installed[0] if installed else statuses[0].name)
         self.engine_picker = widgets.Dropdown(
-            description="engine", value=engine or (installed[-1] if installed else statuses[0].name),
+            description="engine", value=engine or best,
             options=[(s.name if s.installed else f"{s.name} (not installed)", s.name) for s in statuses])
         self.engine_note = widgets.HTML()
         self.model_picker = widgets.Combobox(description="model", value=model, placeholder="alias or folder",
