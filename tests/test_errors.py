@@ -27,7 +27,8 @@ def test_engine_not_installed_names_the_extra(monkeypatch):
 
 def test_engines_lists_every_engine_with_its_state():
     statuses = {s.name: s for s in wb.engines()}
-    assert set(statuses) == {"transformers", "transformers-paged", "vllm", "deepspeed", "openai", "tgi"}
+    assert set(statuses) == {"transformers", "transformers-paged", "vllm", "deepspeed", "tensorrt-llm",
+                             "openai", "tgi"}
     assert statuses["transformers"].installed and statuses["transformers"].reason == ""
     assert statuses["vllm"].installed == HAVE_VLLM
     assert {name for name, s in statuses.items() if s.remote} == {"openai", "tgi"}  # servers, reached over HTTP

@@ -48,6 +48,8 @@ SPECS: dict[str, EngineSpec] = {
         EngineSpec("deepspeed", "deepspeed_inference:DeepSpeedEngine", ("deepspeed", "torch", "transformers"),
                    "deepspeed", "DeepSpeed inference around the HF model (kernel injection and tensor parallelism "
                    "on GPUs)"),
+        EngineSpec("tensorrt-llm", "trtllm:TensorRTLLMEngine", ("tensorrt_llm",), "tensorrt",
+                   "NVIDIA TensorRT-LLM's LLM API (PyTorch backend): NVIDIA GPUs only"),
         EngineSpec("openai", "openai_server:OpenAIEngine", ("openai", "httpx", "prometheus_client"), "",
                    "any OpenAI-compatible server over HTTP (vLLM, SGLang, trtllm-serve, llama.cpp, TGI's /v1); "
                    "traces from its /metrics", remote=True),

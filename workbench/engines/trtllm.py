@@ -1,0 +1,186 @@
+"""NVIDIA TensorRT-LLM through its `LLM` API (PyTorch backend, the default since 1.0), on an NVIDIA GPU.
+
+Written against TensorRT-LLM 1.2.1's documented LLM API: `LLM(model, dtype, tensor_parallel_size,
+pipeline_parallel_size, max_batch_size, max_num_tokens, max_seq_len, kv_cache_config=KvCacheConfig(...),
+enable_iter_perf_stats=True)`, `generate_async(prompt_token_ids, SamplingParams, streaming=True)` whose outputs
+carry `token_ids_diff`, `abort()`, `get_stats(timeout)` (per iteration: numActiveRequests, numQueuedRequests,
+inflightBatchingStats, kvCacheStats) and `get_kv_cache_events(timeout)`. No GPU was lent to the sessions that wrote
+it: it has not been run (see the README).
+
+A run streams each request in its own thread and, between, reads the iteration stats into trace steps: the engine's
+own counts of active, queued, context and generation requests, and its block pool's used and free blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Iterator
+
+from workbench.engines.arrivals import RunClock
+from workbench.engines.base import Engine, RawOutput, process_memory
+from workbench.errors import UnsupportedOptionError, WorkbenchError
+from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot,
+                             TraceRecorder)
+from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
+
+_OPTION_TO_LLM = {"max_batch_size": "max_batch_size", "max_num_tokens": "max_num_tokens",
+                  "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size"}
+_STATS_TIMEOUT_S = 0.05  # get_stats waits this long when no new iteration is queued
+
+
+class TensorRTLLMEngine(Engine):
+    name = "tensorrt-llm"
+    extra_options = (*_OPTION_TO_LLM, "block_size", "kv_cache_memory_fraction", "enable_block_reuse")
+
+    def _load(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UnsupportedOptionError("TensorRT-LLM runs on NVIDIA GPUs only, and this machine has none (CUDA is "
+                                         "not available): use vllm or transformers here.")
+        from tensorrt_llm import LLM
+        from tensorrt_llm.llmapi import KvCacheConfig
+
+        self.block_size = int(self.options.get("block_size") or 32)
+        cache = KvCacheConfig(free_gpu_memory_fraction=self.options.get("kv_cache_memory_fraction", 0.9),
+                              enable_block_reuse=self.options.get("enable_block_reuse", True),
+                              tokens_per_block=self.block_size, event_buffer_max_size=4096)
+        kwargs = {name: self.options[option] for option, name in _OPTION_TO_LLM.items() if option in self.options}
+        try:
+            self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_seq_len=self.max_model_len,
+                           kv_cache_config=cache, enable_iter_perf_stats=True, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise UnsupportedOptionError(f"TensorRT-LLM refused these options: {str(exc).splitlines()[0]}") from None
+        self._pool = {"maxNumBlocks": 0, "usedNumBlocks": 0, "freeNumBlocks": 0}
+
+    def _info(self) -> EngineInfo:
+        import tensorrt_llm
+
+        from workbench.models import count_parameters
+
+        params = count_parameters(self.model.path)
+        itemsize = 2 if self.dtype in ("float16", "bfloat16", "fp16", "bf16") else 4
+        return EngineInfo(self.name, f"tensorrt_llm {tensorrt_llm.__version__}", "cuda", self.dtype, self.model.name,
+                          str(self.model.path), params, params * itemsize, self.max_model_len, dict(self.options))
+
+    def _release(self) -> None:
+        self.llm.shutdown()
+        del self.llm
+
+    def _sampling_params(self, options: SamplingOptions):
+        from tensorrt_llm import SamplingParams
+
+        sampling = dict(max_tokens=options.max_tokens, seed=options.seed, stop=list(options.stop) or None,
+                        ignore_eos=options.ignore_eos)
+        if options.greedy:
+            sampling["top_k"] = 1
+        else:
+            sampling.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k or None)
+        return SamplingParams(**sampling)
+
+    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
+        result = self.llm.generate_async(prompt, self._sampling_params(options), streaming=True)
+        try:
+            for output in result:
+                new = list(output.outputs[0].token_ids_diff)
+                if new:
+                    yield new
+        finally:
+            if not result.finished:
+                result.abort()
+
+    # ---- step traces ---------------------------------------------------------------------------------------------
+    def _read_stats(self) -> list[dict]:
+        stats = self.llm.get_stats(timeout=_STATS_TIMEOUT_S)
+        for iteration in stats:
+            self._pool.update(iteration.get("kvCacheStats") or {})
+        return stats
+
+    def _cache_facts(self) -> CacheFacts:
+        return self._layout(paged=True, block_size=self.block_size, num_blocks=int(self._pool["maxNumBlocks"]))
+
+    def _measure_kv_cache(self) -> KVCacheMeasurement:
+        # The pool's tensors live in TensorRT-LLM's C++ KV cache manager: its own block count is what is reachable.
+        self._read_stats()
+        blocks = int(self._pool["maxNumBlocks"])
+        return KVCacheMeasurement(blocks * self.block_size * self._kv_bytes_per_token(), blocks * self.block_size,
+                                  f"TensorRT-LLM kvCacheStats.maxNumBlocks ({blocks} blocks x config bytes)")
+
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+             recorder: TraceRecorder) -> list[RawOutput]:
+        clock = RunClock(arrivals, self._stop_requested)
+        raw = [RawOutput([], "length") for _ in prompts]
+        handles: dict[int, object] = {}
+        done: set[int] = set()
+        failures: list[BaseException] = []
+        lock = threading.Lock()
+
+        def consume(i: int, result) -> None:
+            try:
+                for output in result:
+                    completion = output.outputs[0]
+                    new = list(completion.token_ids_diff)
+                    with lock:
+                        raw[i].token_ids.extend(new)
+                        raw[i].token_times.extend([clock.now()] * len(new))
+                    recorder.tokens(i, new)
+                    if output.finished:
+                        raw[i].finish_reason = "length" if completion.finish_reason == "length" else "stop"
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failures.append(exc)
+            finally:
+                with lock:
+                    done.add(i)
+
+        threads = []
+        step = 0
+        while len(done) < len(prompts) and not failures:
+            if self.stopping:
+                for i, result in handles.items():
+                    if i not in done:
+                        result.abort()
+                        raw[i].finish_reason = "abort"
+                for i in set(range(len(prompts))) - set(handles):
+                    raw[i].finish_reason = "abort"
+                break
+            for i in clock.arrived():
+                handles[i] = self.llm.generate_async(prompts[i], self._sampling_params(options[i]), streaming=True)
+                threads.append(threading.Thread(target=consume, args=(i, handles[i]), daemon=True))
+                threads[-1].start()
+            if not handles or len(done) == len(handles):
+                clock.wait_for_next()
+                continue
+            iterations = self._read_stats()
+            if recorder.wanted and iterations:
+                recorder.add(self._snapshot(step, clock.now(), iterations[-1], recorder, handles, done, raw, lock))
+                step += 1
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise WorkbenchError(f"TensorRT-LLM failed a request: {failures[0]}")
+        return raw
+
+    def _snapshot(self, step: int, now: float, stats: dict, recorder: TraceRecorder, handles: dict, done: set,
+                  raw: list[RawOutput], lock: threading.Lock) -> StepSnapshot:
+        facts = recorder.trace.facts
+        pool = stats.get("kvCacheStats") or {}
+        total, used = int(pool.get("maxNumBlocks", 0)), int(pool.get("usedNumBlocks", 0))
+        if total and facts.num_blocks != total:
+            facts = recorder.trace.facts = replace(facts, num_blocks=total)
+        with lock:
+            snaps = []
+            for i in sorted(handles):
+                produced = len(raw[i].token_ids)
+                state = "finished" if i in done else "decode" if produced else "waiting"
+                snaps.append(recorder.dedupe(RequestSnapshot(recorder.names[i], state, 0, 0, produced, (), 0)))
+        batching = stats.get("inflightBatchingStats") or {}
+        counters = {"engine_active": stats.get("numActiveRequests", 0),
+                    "engine_queued": stats.get("numQueuedRequests", 0),
+                    "context_requests": batching.get("numContextRequests", 0),
+                    "generation_requests": batching.get("numGenRequests", 0),
+                    "paused_requests": batching.get("numPausedRequests", 0),
+                    "kv_usage": used / total if total else 0.0, "reused_blocks": pool.get("reusedBlocks", 0)}
+        memory = MemorySnapshot(facts.weight_bytes, total * facts.bytes_per_block, used * facts.bytes_per_block,
+                                *process_memory())
+        return StepSnapshot(step, now, tuple(snaps), BLOCK_USED * used + BLOCK_FREE * (total - used), memory, counters)
