@@ -1,13 +1,16 @@
 """DeepSpeed inference: `deepspeed.init_inference` around the Hugging Face model, then `generate` on what it wraps.
 
 Kernel injection (DeepSpeed's fused transformer kernels replacing the model's layers) needs a GPU: on a CPU the
-workbench turns it off and `engine.info.options["kernel_inject"]` says why. Tensor parallelism needs one process per
-rank, started by DeepSpeed's launcher (`deepspeed --num_gpus N script.py`); `tensor_parallel_size` passes through.
+workbench turns it off and `engine.info.options["kernel_inject"]` says why. Tensor parallelism (DeepSpeed's AutoTP:
+attention and MLP weights split by rows/columns, an all-reduce after each split layer) needs one process per rank,
+started by a launcher (`torchrun --nproc-per-node N script.py` or `deepspeed --num_gpus N script.py`); every rank
+loads the engine with `tensor_parallel_size=N` and gets the same tokens.
 Generation, batching and traces are those of the `transformers` engine (static batches, a cache that grows per step).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from importlib.metadata import version
 
@@ -34,21 +37,41 @@ class DeepSpeedEngine(TransformersEngine):
         self.kernel_note = ("fused inference kernels replace the model's layers" if self.kernel_inject else
                             "off: DeepSpeed's inference kernels need a CUDA GPU" if not on_gpu else "off (asked)")
         tp_size = int(self.options.get("tensor_parallel_size") or 1)
+        self.tp_note = "off"
+        if tp_size > 1:
+            self.tp_note = _join_ranks(deepspeed, tp_size, on_gpu)
         try:
             self.ds_engine = deepspeed.init_inference(self.hf_model, dtype=torch_dtype(self.dtype),
                                                       tensor_parallel={"tp_size": tp_size},
                                                       replace_with_kernel_inject=self.kernel_inject)
         except (ValueError, RuntimeError, AssertionError, ImportError) as exc:
-            hint = " (tensor parallelism needs the deepspeed launcher: one process per rank)" if tp_size > 1 else ""
-            raise UnsupportedOptionError(f"DeepSpeed refused these options: {str(exc).splitlines()[0]}{hint}") \
-                from None
+            raise UnsupportedOptionError(f"DeepSpeed refused these options: {str(exc).splitlines()[0]}") from None
         self.hf_model = self.ds_engine.module
 
     def _info(self) -> EngineInfo:
         info = super()._info()
         engine_version = f"deepspeed {version('deepspeed')} (transformers {version('transformers')})"
-        return replace(info, engine_version=engine_version, options={**info.options, "kernel_inject": self.kernel_note})
+        return replace(info, engine_version=engine_version, options={**info.options, "kernel_inject": self.kernel_note,
+                                                                   "tensor_parallel": self.tp_note})
 
     def _release(self) -> None:
         del self.ds_engine
         super()._release()
+
+
+def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:
+    """Join the process group a launcher set up (one process per rank); the note for `info` says which rank this is."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world != tp_size:
+        raise UnsupportedOptionError(
+            f"tensor_parallel_size={tp_size} needs {tp_size} processes, one per rank, and this one was started alone "
+            f"(WORLD_SIZE={world}): run the script with `torchrun --nproc-per-node {tp_size} script.py` (or the "
+            f"deepspeed launcher), every rank loading with tensor_parallel_size={tp_size}.")
+    if not on_gpu:
+        # DeepSpeed's shared-memory all-reduce kernel segfaulted on this AVX2 CPU (0.19.8, float32); marking it
+        # incompatible before the process group starts makes DeepSpeed use torch.distributed's gloo all_reduce.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed()  # a no-op when the launcher's script already did it
+    return f"AutoTP, rank {deepspeed.comm.get_rank()} of {tp_size}"
