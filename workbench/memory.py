@@ -26,13 +26,21 @@ from typing import Any
 _HALF = ("float16", "fp16", "bfloat16", "bf16")
 
 
+def bytes_per_element(dtype: str) -> int:
+    """Bytes one weight or cache element takes in `dtype` (2 for float16/bfloat16, 4 for float32).
+
+    >>> bytes_per_element("bfloat16")
+    2
+    """
+    return 2 if dtype in _HALF else 4
+
+
 def kv_shape(config, dtype: str) -> tuple[int, int, int, int]:
     """(layers, KV heads, head dim, bytes per element) of a model config in `dtype`."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    itemsize = 2 if dtype in _HALF else 4
-    return config.num_hidden_layers, kv_heads, head_dim, itemsize
+    return config.num_hidden_layers, kv_heads, head_dim, bytes_per_element(dtype)
 
 
 def kv_bytes_per_token(model, dtype: str = "float32") -> int:

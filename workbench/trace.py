@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Iterable
 
 from workbench.types import GenerationResult, RequestMetrics
 
@@ -243,6 +243,7 @@ class TraceRecorder:
         self.on_step = on_step
         self.on_tokens = on_tokens
         self._previous: dict[str, RequestSnapshot] = {}
+        self._shown_finished: set[int] = set()
 
     @classmethod
     def silent(cls, count: int) -> TraceRecorder:
@@ -262,6 +263,21 @@ class TraceRecorder:
             return previous
         self._previous[snapshot.request_id] = snapshot
         return snapshot
+
+    def seen_from_client(self, sent: Iterable[int], finished: Collection[int],
+                         produced: Callable[[int], int]) -> tuple[RequestSnapshot, ...]:
+        """The requests of a step, for an engine whose scheduler cannot be read (a server, TensorRT-LLM's C++
+        executor): a sent request waits until its first token arrives, then decodes; a finished one is shown as
+        finished in one step, then no more. `produced(i)` is how many tokens (or pieces) request `i` has so far."""
+        snaps = []
+        for i in sorted(set(sent) - self._shown_finished):
+            if i in finished:
+                state = "finished"
+                self._shown_finished.add(i)
+            else:
+                state = "decode" if produced(i) else "waiting"
+            snaps.append(self.dedupe(RequestSnapshot(self.names[i], state, 0, 0, produced(i), (), 0)))
+        return tuple(snaps)
 
     def tokens(self, index: int, token_ids: list[int]) -> None:
         """Hand request `index`'s newest tokens to `on_tokens` (streaming text per request)."""

@@ -9,10 +9,10 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
-from workbench.memory import kv_shape
+from workbench.memory import kv_bytes_per_token, kv_shape
 from workbench.models import ResolvedModel
 from workbench.trace import CacheFacts, StepSnapshot, Trace, TraceRecorder, TraceRequest
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
@@ -61,6 +61,10 @@ class Engine(ABC):
         self.tokenizer = AutoTokenizer.from_pretrained(model.path)
         self.config = AutoConfig.from_pretrained(model.path)
         self.max_model_len = max_model_len or getattr(self.config, "max_position_embeddings", None) or 2048
+        self._open()
+
+    def _open(self) -> None:
+        """Set up the state every adapter shares, then load the engine and time it."""
         self._closed = False
         # One request at a time per engine object: the adapters drive their engine from the calling thread.
         self._lock = threading.Lock()
@@ -108,8 +112,7 @@ class Engine(ABC):
 
     def _kv_bytes_per_token(self) -> int:
         """Bytes the keys and values of one token take in the cache, over all layers."""
-        layers, kv_heads, head_dim, itemsize = self._kv_shape()
-        return 2 * layers * kv_heads * head_dim * itemsize
+        return kv_bytes_per_token(self.config, self.dtype)
 
     def _layout(self, paged: bool, block_size: int, num_blocks: int) -> CacheFacts:
         """The cache facts of this model in this engine, for a cache of `num_blocks` blocks of `block_size` tokens."""
@@ -344,35 +347,48 @@ class Engine(ABC):
         return GenerationResult(prompt, text, list(out.token_ids), finish, metrics)
 
     def _stream_text(self, ids: list[int], options: SamplingOptions) -> Iterator[str]:
-        # Detokenize the whole answer each time and emit only the new suffix: byte-level tokens can split a
-        # character, and a stop string can span tokens, so text is held back until it is certainly final.
-        hold = max((len(s) for s in options.stop), default=1) - 1
-        generated: list[int] = []
-        sent = 0
+        # Detokenize the whole answer each time: byte-level tokens can split a character.
         tokens = self._stream(ids, options)
+
+        def texts() -> Iterator[str]:
+            generated: list[int] = []
+            for new in tokens:
+                generated.extend(new)
+                yield self.tokenizer.decode(generated, skip_special_tokens=True)
+
         try:
             with self._busy():
-                for new in tokens:
-                    if self.stopping:
-                        return  # closing `tokens` below cancels the request in the engine
-                    generated.extend(new)
-                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    cut = _first_stop(text, options.stop)
-                    if cut is not None:
-                        if cut > sent:
-                            yield text[sent:cut]
-                        return
-                    safe = len(text) - hold
-                    while safe > sent and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
-                        safe -= 1
-                    if safe > sent:
-                        yield text[sent:safe]
-                        sent = safe
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if len(text) > sent:
-                    yield text[sent:]
+                yield from final_pieces(texts(), options.stop, lambda: self.stopping)
         finally:
-            tokens.close()
+            tokens.close()  # cancels the request in the engine when the stream ended early
+
+
+def final_pieces(texts: Iterable[str], stop: tuple[str, ...], stopped: Callable[[], bool]) -> Iterator[str]:
+    """Turn "the whole answer so far", after each update, into pieces of text that are final.
+
+    A stop string can span updates and a multi-byte character can be cut in two, so text that could still turn out
+    to be either is held back until it cannot; the answer ends before the first stop string. Once `stopped()` says
+    so, nothing more is yielded.
+    """
+    hold = max((len(s) for s in stop), default=1) - 1
+    sent = 0
+    text = ""
+    for text in texts:
+        if stopped():
+            return
+        cut = _first_stop(text, stop)
+        if cut is not None:
+            if cut > sent:
+                yield text[sent:cut]
+            return
+        safe = len(text) - hold
+        while safe > sent and text[safe - 1] == "\ufffd":  # an incomplete multi-byte character
+            safe -= 1
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    if len(text) > sent and not stopped():
+        yield text[sent:]
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, _first_stop
+from workbench.engines.base import Engine, _first_stop, final_pieces
 from workbench.engines.server_metrics import MetricsPoller, ServerSample, read_metrics
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
-from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, Trace,
+from workbench.memory import bytes_per_element
+from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot, Trace,
                              TraceRecorder, TraceRequest)
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
 from workbench.workload import Request, as_requests
@@ -80,15 +81,10 @@ class OpenAIEngine(Engine):
         self.poll_s = poll_s
         self.dtype = dtype
         self.options = {"url": self.url, "timeout_s": self.timeout_s}  # never the key
-        self.tokenizer = None
-        self._closed = False
-        self._lock = threading.Lock()
-        self._stop_requested = threading.Event()
+        self.tokenizer = None  # the server tokenizes; the base class's tokenizer and config are not loaded here
         self._requested_model = model
         self._requested_len = max_model_len
-        start = time.perf_counter()
-        self._load()
-        self.load_seconds = time.perf_counter() - start
+        self._open()
 
     # ---- connecting ------------------------------------------------------------------------------------------
     def _client(self, timeout_s: float | None = None):
@@ -102,6 +98,7 @@ class OpenAIEngine(Engine):
         self.max_model_len = self._requested_len or server_len or 0
         self.model = ServedModel(name, _local_folder(name), server_len)
         self.config = _local_config(self.model.path)
+        self._params = _count_parameters(self.model.path)  # once: every run's cache facts ask for the weight bytes
         self.server_kind = "unknown"
         try:
             first = read_metrics(self.metrics_url, timeout_s=min(self.timeout_s, 10))
@@ -159,15 +156,9 @@ class OpenAIEngine(Engine):
 
     # ---- facts -----------------------------------------------------------------------------------------------
     def _info(self) -> EngineInfo:
-        weights = 0
-        params = 0
-        if self.model.path is not None:
-            from workbench.models import count_parameters
-
-            params = count_parameters(self.model.path)
-            weights = params * (2 if self.dtype in ("float16", "bfloat16") else 4)
         return EngineInfo(self.name, f"{self.server_kind} server", self.url, self.dtype, self.model.name,
-                          str(self.model.path or ""), params, weights, self.max_model_len, dict(self.options))
+                          str(self.model.path or ""), self._params, self._params * bytes_per_element(self.dtype),
+                          self.max_model_len, dict(self.options))
 
     def _kv_bytes_per_token(self) -> int:
         return super()._kv_bytes_per_token() if self.config is not None else 0
@@ -196,6 +187,19 @@ class OpenAIEngine(Engine):
     def _request(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None = None,
                  timeout_s: float | None = None):
         """Open a streaming request; the returned stream yields the server's chunks."""
+        kwargs = self._request_options(options)
+        client = self._client(timeout_s)
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                       "content": prompt}]
+            return client.chat.completions.create(messages=messages, **kwargs)
+        return client.completions.create(prompt=(system + "\n" if system else "") + prompt, **kwargs)
+
+    def _check_options(self, options: SamplingOptions, chat: bool) -> None:
+        """Refuse, before anything is sent, what this server cannot do (a plain OpenAI server takes everything)."""
+
+    def _request_options(self, options: SamplingOptions) -> dict[str, Any]:
+        """The request's fields besides the prompt, as the OpenAI API names them."""
         kwargs: dict[str, Any] = {"model": self.model.name, "stream": True, "max_tokens": options.max_tokens,
                                   "temperature": options.temperature, "top_p": options.top_p,
                                   "stream_options": {"include_usage": True}}
@@ -210,12 +214,7 @@ class OpenAIEngine(Engine):
             extra["ignore_eos"] = True
         if extra:
             kwargs["extra_body"] = extra
-        client = self._client(timeout_s)
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
-                                                                                       "content": prompt}]
-            return client.chat.completions.create(messages=messages, **kwargs)
-        return client.completions.create(prompt=(system + "\n" if system else "") + prompt, **kwargs)
+        return kwargs
 
     def _pieces(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None, reply: _Reply,
                 start: float) -> Iterator[str]:
@@ -284,25 +283,17 @@ class OpenAIEngine(Engine):
         self._check_open()
         (text,) = self._check_prompts([prompt])
         options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
+        self._check_options(options, chat)
         return self._stream_pieces(text, options, chat)
 
     def _stream_pieces(self, text: str, options: SamplingOptions, chat: bool) -> Iterator[str]:
-        hold = max((len(s) for s in options.stop), default=1) - 1
-        sent = 0
         reply = _Reply()
-        with self._busy():
-            for _ in self._pieces(text, options, chat, None, reply, time.perf_counter()):
-                cut = _first_stop(reply.text, options.stop)
-                if cut is not None:
-                    if cut > sent:
-                        yield reply.text[sent:cut]
-                    return
-                safe = len(reply.text) - hold
-                if safe > sent:
-                    yield reply.text[sent:safe]
-                    sent = safe
-            if len(reply.text) > sent:
-                yield reply.text[sent:]
+        pieces = self._pieces(text, options, chat, None, reply, time.perf_counter())
+        try:
+            with self._busy():
+                yield from final_pieces((reply.text for _ in pieces), options.stop, lambda: self.stopping)
+        finally:
+            pieces.close()  # closes the connection when the stream ended early: the server aborts the request
 
     def run(self, requests: Sequence[Request | str], record: bool = True,
             on_step: Callable[[StepSnapshot], None] | None = None,
@@ -316,6 +307,8 @@ class OpenAIEngine(Engine):
             raise InvalidRequestError("the request list is empty: give at least one request.")
         options = [SamplingOptions(r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed, r.stop, r.ignore_eos)
                    for r in items]
+        for request, option in zip(items, options):
+            self._check_options(option, request.chat)
         trace = Trace(self.name, self.model.name, self.cache_facts,
                       [TraceRequest(f"r{i}", 0, o.max_tokens, float(r.arrival_s))
                        for i, (r, o) in enumerate(zip(items, options))])
@@ -372,10 +365,8 @@ class _ClientView:
 
     def __init__(self, recorder: TraceRecorder, replies: list[_Reply], clock: RunClock) -> None:
         self.recorder, self.replies, self.clock = recorder, replies, clock
-        self.names = recorder.names
         self.in_flight: set[int] = set()
         self.finished: set[int] = set()
-        self.reported: set[int] = set()
         self.peak_rss = 0
         self.step_index = 0
         self.lock = threading.Lock()
@@ -392,16 +383,8 @@ class _ClientView:
     def step(self, sample: ServerSample | None) -> None:
         facts = self.recorder.trace.facts
         with self.lock:
-            snaps = []
-            for i in sorted(self.in_flight | (self.finished - self.reported)):
-                reply = self.replies[i]
-                pieces = len(reply.chunk_times or [])
-                if i in self.finished:
-                    state = "finished"
-                    self.reported.add(i)
-                else:
-                    state = "decode" if pieces else "waiting"
-                snaps.append(self.recorder.dedupe(RequestSnapshot(self.names[i], state, 0, 0, pieces, (), 0)))
+            snaps = self.recorder.seen_from_client(self.in_flight | self.finished, self.finished,
+                                                   lambda i: len(self.replies[i].chunk_times or []))
         counters, blocks, memory = {}, "", MemorySnapshot(facts.weight_bytes, 0, 0, 0, 0)
         if sample is not None:
             counters = sample.counters()
@@ -426,6 +409,14 @@ def _local_folder(name: str) -> Path | None:
         return resolve_model(name).path
     except WorkbenchError:
         return None
+
+
+def _count_parameters(path: Path | None) -> int:
+    if path is None:
+        return 0  # the weights are only on the server
+    from workbench.models import count_parameters
+
+    return count_parameters(path)
 
 
 def _local_config(path: Path | None):

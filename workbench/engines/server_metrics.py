@@ -95,26 +95,23 @@ class MetricsPoller:
         self._thread = threading.Thread(target=self._loop, name="workbench-metrics", daemon=True)
 
     def start(self) -> None:
-        try:  # a reading before anything is sent: the counters' starting point
-            self.first = self.last = read_metrics(self.url, timeout_s=max(1.0, self.poll_s * 10))
-        except WorkbenchError:
-            pass
+        self.first = self.last = self._read()  # before anything is sent: the counters' starting point
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        try:  # one last reading: the counters after the last answer
-            self.last = read_metrics(self.url, timeout_s=max(1.0, self.poll_s * 10))
+        self.last = self._read() or self.last  # the counters after the last answer
+
+    def _read(self) -> ServerSample | None:
+        try:
+            return read_metrics(self.url, timeout_s=max(1.0, self.poll_s * 10))
         except WorkbenchError:
-            pass
+            return None  # a busy server may answer late: skip this reading
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                sample = read_metrics(self.url, timeout_s=max(1.0, self.poll_s * 10))
-            except WorkbenchError:
-                sample = None
+            sample = self._read()
             if sample is not None:
                 self.first = self.first or sample
                 self.last = sample

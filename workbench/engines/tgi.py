@@ -3,7 +3,9 @@
 Raw-text prompts (`chat=False`) go to `/generate_stream`, which sends every token with its id; chat prompts go to
 TGI's OpenAI-compatible Messages API (`/v1/chat/completions`), which applies the model's chat template on the
 server. Traces come from TGI's `/metrics` (`tgi_batch_current_size`, `tgi_queue_size`, ...), as for any server.
-Written against TGI 3.x's documented API; no TGI server runs on the machine this project is tested on.
+Written against TGI 3.x's documented API and checked against its router's source (request and response types,
+validation, metric names); no TGI server runs on the machine this project is tested on (TGI's HTTP API is its Rust
+router, shipped as a Docker image).
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ class TGIEngine(OpenAIEngine):
         self.tgi_info = info
         return served, info.get("max_total_tokens")
 
+    def _check_options(self, options: SamplingOptions, chat: bool) -> None:
+        """Refuse what TGI would refuse mid-run or silently ignore."""
+        if options.ignore_eos:
+            raise InvalidRequestError("TGI cannot ignore the end-of-sequence token: make the workload with "
+                                      "ignore_eos=False.")
+        if chat and options.top_k:
+            raise InvalidRequestError("TGI's Messages API has no top_k (it would be ignored): use top_p, or "
+                                      "chat=False for TGI's own /generate_stream, which takes top_k.")
+        limit = self.tgi_info.get("max_stop_sequences")
+        if limit is not None and len(options.stop) > limit:
+            raise InvalidRequestError(f"this TGI server takes at most {limit} stop strings "
+                                      f"(--max-stop-sequences), got {len(options.stop)}.")
+
+    def _request_options(self, options: SamplingOptions) -> dict[str, Any]:
+        kwargs = super()._request_options(options)
+        # TGI's router reads `model` as a LoRA adapter id unless it is "tgi", and its validation refuses top_p=1;
+        # leaving top_p out when greedy also keeps the server from switching sampling back on.
+        kwargs["model"] = "tgi"
+        if options.greedy or options.top_p >= 1:
+            del kwargs["top_p"]
+        return kwargs
+
     def _chunks(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None,
                 reply: _Reply) -> Iterator[str]:
         if chat:
@@ -64,9 +88,6 @@ class TGIEngine(OpenAIEngine):
             return
         import httpx
 
-        if options.ignore_eos:
-            raise InvalidRequestError("TGI cannot ignore the end-of-sequence token: make the workload with "
-                                      "ignore_eos=False.")
         parameters: dict[str, Any] = {"max_new_tokens": options.max_tokens, "details": True,
                                       "do_sample": not options.greedy}
         if not options.greedy:  # TGI refuses temperature 0 and top_p 1: leave out what is off

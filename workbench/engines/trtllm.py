@@ -4,29 +4,36 @@ Written against TensorRT-LLM 1.2.1's documented LLM API: `LLM(model, dtype, tens
 pipeline_parallel_size, max_batch_size, max_num_tokens, max_seq_len, kv_cache_config=KvCacheConfig(...),
 enable_iter_perf_stats=True)`, `generate_async(prompt_token_ids, SamplingParams, streaming=True)` whose outputs
 carry `token_ids_diff`, `abort()`, `get_stats(timeout)` (per iteration: numActiveRequests, numQueuedRequests,
-inflightBatchingStats, kvCacheStats) and `get_kv_cache_events(timeout)`. No GPU was lent to the sessions that wrote
-it: it has not been run (see the README).
+inflightBatchingStats, kvCacheStats) and `get_kv_cache_events(timeout)` (blocks stored into and removed from the
+reuse cache). Checked against the LLM API's source (1.2-era `llm.py`, `executor/result.py`, `sampling_params.py`,
+`llm_args.py`). No GPU was lent to the sessions that wrote it: it has not been run (see the README).
 
 A run streams each request in its own thread and, between, reads the iteration stats into trace steps: the engine's
-own counts of active, queued, context and generation requests, and its block pool's used and free blocks.
+own counts of active, queued, context and generation requests, its block pool's used and free blocks, and the
+blocks its reuse cache stored and evicted. The executor hands stats over in batches (every 0.2 s or so), so a step's
+time is when the workbench read it; each iteration still becomes its own step.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
 from workbench.engines.base import Engine, RawOutput, process_memory
 from workbench.errors import UnsupportedOptionError, WorkbenchError
-from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot,
+from workbench.memory import bytes_per_element
+from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot,
                              TraceRecorder)
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 _OPTION_TO_LLM = {"max_batch_size": "max_batch_size", "max_num_tokens": "max_num_tokens",
                   "tensor_parallel_size": "tensor_parallel_size", "pipeline_parallel_size": "pipeline_parallel_size"}
 _STATS_TIMEOUT_S = 0.05  # get_stats waits this long when no new iteration is queued
+_EVENT_BUFFER = 4096  # KV cache events TensorRT-LLM keeps until read; each run reads them all
 
 
 class TensorRTLLMEngine(Engine):
@@ -39,20 +46,36 @@ class TensorRTLLMEngine(Engine):
         if not torch.cuda.is_available():
             raise UnsupportedOptionError("TensorRT-LLM runs on NVIDIA GPUs only, and this machine has none (CUDA is "
                                          "not available): use vllm or transformers here.")
-        from tensorrt_llm import LLM
+        if self.dtype in ("float32", "fp32"):
+            raise UnsupportedOptionError("TensorRT-LLM's kernels do not run float32: load with dtype='float16' or "
+                                         "dtype='bfloat16'.")
+        from tensorrt_llm import LLM, SamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
 
         self.block_size = int(self.options.get("block_size") or 32)
         cache = KvCacheConfig(free_gpu_memory_fraction=self.options.get("kv_cache_memory_fraction", 0.9),
                               enable_block_reuse=self.options.get("enable_block_reuse", True),
-                              tokens_per_block=self.block_size, event_buffer_max_size=4096)
+                              tokens_per_block=self.block_size, event_buffer_max_size=_EVENT_BUFFER)
         kwargs = {name: self.options[option] for option, name in _OPTION_TO_LLM.items() if option in self.options}
+        # The LLM is built and requests are submitted from a thread with no asyncio loop: in a Jupyter kernel's
+        # thread (which has one) the LLM API switches its result queues to async mode and polls them every 10 ms.
+        self._submitter = ThreadPoolExecutor(1, thread_name_prefix="workbench-trtllm")
         try:
-            self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_seq_len=self.max_model_len,
-                           kv_cache_config=cache, enable_iter_perf_stats=True, **kwargs)
-        except (ValueError, RuntimeError) as exc:
+            self.llm = self._submitter.submit(LLM, model=str(self.model.path), dtype=self.dtype,
+                                              max_seq_len=self.max_model_len, kv_cache_config=cache,
+                                              enable_iter_perf_stats=True, **kwargs).result()
+        except Exception as exc:  # noqa: BLE001 - TensorRT-LLM raises many kinds; each becomes one short message
+            self._submitter.shutdown()
             raise UnsupportedOptionError(f"TensorRT-LLM refused these options: {str(exc).splitlines()[0]}") from None
         self._pool = {"maxNumBlocks": 0, "usedNumBlocks": 0, "freeNumBlocks": 0}
+        self._events = {"stored_blocks": 0, "removed_blocks": 0}
+        # One token, so the iteration stats report the block pool's size before the first run.
+        self._submit([self.tokenizer.bos_token_id or 0], SamplingParams(max_tokens=1), streaming=False).result()
+        self._read_stats(timeout_s=1.0)
+        self._read_events()
+
+    def _submit(self, prompt: list[int], params, streaming: bool = True):
+        return self._submitter.submit(self.llm.generate_async, prompt, params, streaming=streaming).result()
 
     def _info(self) -> EngineInfo:
         import tensorrt_llm
@@ -60,19 +83,21 @@ class TensorRTLLMEngine(Engine):
         from workbench.models import count_parameters
 
         params = count_parameters(self.model.path)
-        itemsize = 2 if self.dtype in ("float16", "bfloat16", "fp16", "bf16") else 4
         return EngineInfo(self.name, f"tensorrt_llm {tensorrt_llm.__version__}", "cuda", self.dtype, self.model.name,
-                          str(self.model.path), params, params * itemsize, self.max_model_len, dict(self.options))
+                          str(self.model.path), params, params * bytes_per_element(self.dtype), self.max_model_len,
+                          dict(self.options))
 
     def _release(self) -> None:
         self.llm.shutdown()
+        self._submitter.shutdown()
         del self.llm
 
     def _sampling_params(self, options: SamplingOptions):
         from tensorrt_llm import SamplingParams
 
+        # detokenize=False: the workbench decodes the token ids itself, once
         sampling = dict(max_tokens=options.max_tokens, seed=options.seed, stop=list(options.stop) or None,
-                        ignore_eos=options.ignore_eos)
+                        ignore_eos=options.ignore_eos, detokenize=False)
         if options.greedy:
             sampling["top_k"] = 1
         else:
@@ -80,7 +105,7 @@ class TensorRTLLMEngine(Engine):
         return SamplingParams(**sampling)
 
     def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
-        result = self.llm.generate_async(prompt, self._sampling_params(options), streaming=True)
+        result = self._submit(prompt, self._sampling_params(options))
         try:
             for output in result:
                 new = list(output.outputs[0].token_ids_diff)
@@ -91,11 +116,23 @@ class TensorRTLLMEngine(Engine):
                 result.abort()
 
     # ---- step traces ---------------------------------------------------------------------------------------------
-    def _read_stats(self) -> list[dict]:
-        stats = self.llm.get_stats(timeout=_STATS_TIMEOUT_S)
+    def _read_stats(self, timeout_s: float = _STATS_TIMEOUT_S) -> list[dict]:
+        _rearm(getattr(getattr(self.llm, "_executor", None), "_iter_stats_result", None))
+        stats = self.llm.get_stats(timeout=timeout_s)
         for iteration in stats:
             self._pool.update(iteration.get("kvCacheStats") or {})
         return stats
+
+    def _read_events(self) -> dict[str, int]:
+        """Count the blocks the reuse cache stored and evicted since the load (KV cache events)."""
+        _rearm(getattr(getattr(self.llm, "_executor", None), "_iter_kv_events_result", None))
+        for event in self.llm.get_kv_cache_events(timeout=_STATS_TIMEOUT_S):
+            data = event.get("data") or {}
+            if data.get("type") == "stored":
+                self._events["stored_blocks"] += len(data.get("blocks") or ())
+            elif data.get("type") == "removed":
+                self._events["removed_blocks"] += len(data.get("block_hashes") or ())
+        return self._events
 
     def _cache_facts(self) -> CacheFacts:
         return self._layout(paged=True, block_size=self.block_size, num_blocks=int(self._pool["maxNumBlocks"]))
@@ -126,7 +163,10 @@ class TensorRTLLMEngine(Engine):
                         raw[i].token_times.extend([clock.now()] * len(new))
                     recorder.tokens(i, new)
                     if output.finished:
-                        raw[i].finish_reason = "length" if completion.finish_reason == "length" else "stop"
+                        with lock:
+                            if raw[i].finish_reason != "abort":  # stop() set it; TensorRT-LLM says "cancelled"
+                                raw[i].finish_reason = {"length": "length", "cancelled": "abort"}.get(
+                                    completion.finish_reason, "stop")
             except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failures.append(exc)
             finally:
@@ -145,42 +185,53 @@ class TensorRTLLMEngine(Engine):
                     raw[i].finish_reason = "abort"
                 break
             for i in clock.arrived():
-                handles[i] = self.llm.generate_async(prompts[i], self._sampling_params(options[i]), streaming=True)
+                handles[i] = self._submit(prompts[i], self._sampling_params(options[i]))
                 threads.append(threading.Thread(target=consume, args=(i, handles[i]), daemon=True))
                 threads[-1].start()
             if not handles or len(done) == len(handles):
                 clock.wait_for_next()
                 continue
             iterations = self._read_stats()
+            if not iterations:
+                time.sleep(_STATS_TIMEOUT_S)  # get_stats can return at once with nothing: do not spin
             if recorder.wanted and iterations:
-                recorder.add(self._snapshot(step, clock.now(), iterations[-1], recorder, handles, done, raw, lock))
-                step += 1
+                events = self._read_events()
+                for stats in iterations:
+                    recorder.add(self._snapshot(step, clock.now(), stats, events, recorder, handles, done, raw, lock))
+                    step += 1
         for thread in threads:
             thread.join()
         if failures:
             raise WorkbenchError(f"TensorRT-LLM failed a request: {failures[0]}")
         return raw
 
-    def _snapshot(self, step: int, now: float, stats: dict, recorder: TraceRecorder, handles: dict, done: set,
-                  raw: list[RawOutput], lock: threading.Lock) -> StepSnapshot:
+    def _snapshot(self, step: int, now: float, stats: dict, events: dict[str, int], recorder: TraceRecorder,
+                  handles: dict, done: set, raw: list[RawOutput], lock: threading.Lock) -> StepSnapshot:
         facts = recorder.trace.facts
         pool = stats.get("kvCacheStats") or {}
         total, used = int(pool.get("maxNumBlocks", 0)), int(pool.get("usedNumBlocks", 0))
         if total and facts.num_blocks != total:
             facts = recorder.trace.facts = replace(facts, num_blocks=total)
         with lock:
-            snaps = []
-            for i in sorted(handles):
-                produced = len(raw[i].token_ids)
-                state = "finished" if i in done else "decode" if produced else "waiting"
-                snaps.append(recorder.dedupe(RequestSnapshot(recorder.names[i], state, 0, 0, produced, (), 0)))
+            snaps = recorder.seen_from_client(handles, done, lambda i: len(raw[i].token_ids))
         batching = stats.get("inflightBatchingStats") or {}
         counters = {"engine_active": stats.get("numActiveRequests", 0),
                     "engine_queued": stats.get("numQueuedRequests", 0),
                     "context_requests": batching.get("numContextRequests", 0),
                     "generation_requests": batching.get("numGenRequests", 0),
                     "paused_requests": batching.get("numPausedRequests", 0),
-                    "kv_usage": used / total if total else 0.0, "reused_blocks": pool.get("reusedBlocks", 0)}
+                    "kv_usage": used / total if total else 0.0, "reused_blocks": pool.get("reusedBlocks", 0),
+                    "cache_hit_rate": pool.get("cacheHitRate", 0.0), **events}
         memory = MemorySnapshot(facts.weight_bytes, total * facts.bytes_per_block, used * facts.bytes_per_block,
                                 *process_memory())
         return StepSnapshot(step, now, tuple(snaps), BLOCK_USED * used + BLOCK_FREE * (total - used), memory, counters)
+
+
+def _rearm(pending) -> None:
+    """Let the next get_stats / get_kv_cache_events wait again.
+
+    The LLM API's result queue marks itself done after one empty wait and then returns nothing until the next
+    request is submitted; a run reads it many times while its requests are in flight. Private, so guarded.
+    """
+    if pending is not None and hasattr(pending, "mark_undone"):
+        pending.mark_undone()

@@ -16,6 +16,7 @@ from typing import Iterator
 from workbench.engines.arrivals import RunClock
 from workbench.engines.base import Engine, RawOutput, process_memory
 from workbench.errors import UnsupportedOptionError, WorkbenchError
+from workbench.memory import bytes_per_element
 from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot,
                              RequestSnapshot, StepSnapshot, TraceRecorder)
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
@@ -147,9 +148,8 @@ class VLLMEngine(Engine):
 
         # From the checkpoint: vLLM's CPU backend repacks linear weights for its kernels, out of `parameters()`' reach.
         params = count_parameters(self.model.path)
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[self.dtype]
         return EngineInfo(self.name, vllm_version(), self.device, self.dtype, self.model.name, str(self.model.path),
-                          params, params * itemsize, self.max_model_len, dict(self.options))
+                          params, params * bytes_per_element(self.dtype), self.max_model_len, dict(self.options))
 
     def _model_runner(self):
         """vLLM's model runner when the engine core runs in this process (it holds the weights and KV tensors)."""
