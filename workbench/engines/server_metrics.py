@@ -84,7 +84,8 @@ def read_metrics(url: str, timeout_s: float = 5.0) -> ServerSample:
 class MetricsPoller:
     """Reads /metrics every `poll_s` seconds in its own thread and hands each sample to `on_sample`.
 
-    A failed read is skipped (a busy server may answer late); `last` is the newest sample.
+    A failed read hands over the newest sample again (a busy server may answer late), and a server without
+    /metrics hands over None every time: the trace then has the client's view only. `last` is the newest sample.
     """
 
     def __init__(self, url: str, poll_s: float = 0.1, on_sample=None) -> None:
@@ -115,8 +116,8 @@ class MetricsPoller:
             if sample is not None:
                 self.first = self.first or sample
                 self.last = sample
-                if self.on_sample is not None:
-                    self.on_sample(sample)
+            if self.on_sample is not None:
+                self.on_sample(self.last)
             self._stop.wait(self.poll_s)
 
     def totals_since_start(self) -> dict[str, float]:
