@@ -119,6 +119,31 @@ def test_replay_slider_moves_every_view_to_its_step(vllm_trace):
 
 
 @needs_vllm
+def test_views_send_the_frontend_json_it_can_parse(vllm_trace, monkeypatch):
+    """A kernel refuses NaN in a message (JSON has none): a view stepping through a trace sends none."""
+    import json
+
+    import ipywidgets
+
+    refused, send = [], ipywidgets.Widget._send
+
+    def checked(widget, msg, buffers=None):
+        try:
+            json.dumps(msg, allow_nan=False)
+        except ValueError:
+            refused.append(type(widget).__name__)
+        return send(widget, msg, buffers)
+
+    monkeypatch.setattr(ipywidgets.Widget, "_send", checked)
+    trace, _, _ = vllm_trace
+    for view in (KVCacheView(), BatchTimeline(), MemoryView(), ThroughputView()):
+        for index in range(len(trace.steps)):
+            view.show(trace, index)
+        json.dumps(view.figure_widget.get_state(), allow_nan=False)
+    assert refused == []
+
+
+@needs_vllm
 def test_static_figures_and_replay_animation(vllm_trace):
     trace, (kv, timeline, memory, throughput), _ = vllm_trace
     for view in (kv, timeline, memory, throughput):

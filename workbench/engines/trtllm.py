@@ -20,12 +20,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Iterator
+from typing import Any, Iterator
 
 from workbench.engines.arrivals import RunClock
 from workbench.engines.base import Engine, RawOutput, process_memory
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
+from workbench.models import ResolvedModel
 from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot,
                              TraceRecorder)
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
@@ -39,6 +40,10 @@ _EVENT_BUFFER = 4096  # KV cache events TensorRT-LLM keeps until read; each run 
 class TensorRTLLMEngine(Engine):
     name = "tensorrt-llm"
     extra_options = (*_OPTION_TO_LLM, "block_size", "kv_cache_memory_fraction", "enable_block_reuse")
+
+    def __init__(self, model: ResolvedModel, dtype: str = "float16", max_model_len: int | None = None,
+                 **options: Any) -> None:
+        super().__init__(model, dtype, max_model_len, **options)  # float16 by default: its kernels lack float32
 
     def _load(self) -> None:
         import torch

@@ -200,8 +200,10 @@ def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str
     state_names = np.array([""] + list(STATES), dtype=object)[np.nan_to_num(codes, nan=-1).astype(int) + 1]
     running = [sum(r.state in ("prefill", "decode") for r in s.requests) for s in steps]
     tokens = [sum(r.scheduled_tokens for r in s.requests) for s in steps]
+    # A gap (a request not yet arrived, or done) is None, not NaN: a live widget sends z as JSON, which has no NaN.
+    gaps = [[None if np.isnan(code) else code for code in row] for row in codes.tolist()]
     traces = [
-        dict(type="heatmap", x=step_numbers, y=names, z=codes, zmin=-0.5, zmax=n - 0.5, colorscale=scale,
+        dict(type="heatmap", x=step_numbers, y=names, z=gaps, zmin=-0.5, zmax=n - 0.5, colorscale=scale,
              name="state", customdata=state_names, hovertemplate="%{y}, step %{x}: %{customdata}<extra></extra>",
              colorbar=dict(tickvals=list(range(n)), ticktext=list(STATES), len=0.7, y=0.62), xaxis="x", yaxis="y"),
         dict(type="bar", x=step_numbers, y=tokens, name="tokens computed", marker=dict(color="#9b51e0"),
