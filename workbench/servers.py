@@ -132,8 +132,8 @@ def start_vllm_server(model: str = "smollm2-135m", port: int | None = None, api_
 
 
 def start_transformers_server(model: str = "smollm2-135m", port: int | None = None, dtype: str = "float32",
-                              continuous_batching: bool = False, extra_args: tuple[str, ...] = (),
-                              timeout_s: float = 300) -> LocalServer:
+                              device: str = "auto", continuous_batching: bool = False,
+                              extra_args: tuple[str, ...] = (), timeout_s: float = 300) -> LocalServer:
     """Start Transformers' OpenAI-compatible server (`transformers serve`) pinned to `model` (an alias or folder).
 
     It knows a model by its folder, so `server.model` is the folder's path: pass that as the engine's model. It has
@@ -151,6 +151,6 @@ def start_transformers_server(model: str = "smollm2-135m", port: int | None = No
     env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     command = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
-               "serve", path, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype,
+               "serve", path, "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
                "--continuous-batching" if continuous_batching else "--no-continuous-batching", *extra_args]
     return _start(command, env, "transformers", path, port, timeout_s)

@@ -108,7 +108,7 @@ class MetricsPoller:
         try:
             return read_metrics(self.url, timeout_s=max(1.0, self.poll_s * 10))
         except WorkbenchError:
-            return None  # a busy server may answer late: skip this reading
+            return None  # a busy server may answer late; some servers have no /metrics at all
 
     def _loop(self) -> None:
         while not self._stop.is_set():
