@@ -100,9 +100,8 @@ class TensorRTLLMEngine(Engine):
     def _sampling_params(self, options: SamplingOptions):
         from tensorrt_llm import SamplingParams
 
-        # detokenize=False: the workbench decodes the token ids itself, once
         sampling = dict(max_tokens=options.max_tokens, seed=options.seed, stop=list(options.stop) or None,
-                        ignore_eos=options.ignore_eos, detokenize=False)
+                        ignore_eos=options.ignore_eos)
         if options.greedy:
             sampling["top_k"] = 1
         else:
