@@ -181,12 +181,13 @@ class TensorRTLLMEngine(Engine):
         step = 0
         while len(done) < len(prompts) and not failures:
             if self.stopping:
+                with lock:  # the consumers set finish reasons too
+                    for i in range(len(prompts)):
+                        if i not in done:
+                            raw[i].finish_reason = "abort"
                 for i, result in handles.items():
                     if i not in done:
                         result.abort()
-                        raw[i].finish_reason = "abort"
-                for i in set(range(len(prompts))) - set(handles):
-                    raw[i].finish_reason = "abort"
                 break
             for i in clock.arrived():
                 handles[i] = self._submit(prompts[i], self._sampling_params(options[i]))
