@@ -64,8 +64,8 @@ def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:
     world = int(os.environ.get("WORLD_SIZE") or 1)
     if world != tp_size:
         raise UnsupportedOptionError(
-            f"tensor_parallel_size={tp_size} needs {tp_size} processes, one per rank, and this one was started alone "
-            f"(WORLD_SIZE={world}): run the script with `torchrun --nproc-per-node {tp_size} script.py` (or the "
+            f"tensor_parallel_size={tp_size} needs {tp_size} processes, one per rank, and this one was started with "
+            f"WORLD_SIZE={world}: run the script with `torchrun --nproc-per-node {tp_size} script.py` (or the "
             f"deepspeed launcher), every rank loading with tensor_parallel_size={tp_size}.")
     if not on_gpu:
         # DeepSpeed's shared-memory all-reduce kernel segfaulted on this AVX2 CPU (0.19.8, float32); marking it
