@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import time
+
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM
-from workbench.report import read_results
+from conftest import HAVE_VLLM, NOTEBOOK_SECONDS, NOTEBOOKS
+from workbench.report import read_results, run_notebook
 
 
 def test_quickstart_report(quickstart_report):
@@ -110,6 +113,24 @@ def test_serving_dashboard_notebook(notebook_report):
     assert results["answered"] == results["requests"]
     assert results["output_tokens"] == [48] * results["requests"]  # the server's usage counts
     assert results["max_server_running"] > 1  # the server's /metrics saw requests batched together
+    assert results["max_client_decoding"] > 1  # and the client saw answers stream in together
     assert results["server_generation_tokens"] == sum(results["output_tokens"])
     assert results["tokens_per_s"] > 0
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")),
+                    reason="transformers serve needs fastapi and uvicorn")
+def test_serving_dashboard_notebook_on_transformers_serve(tmp_path):
+    start = time.perf_counter()
+    executed, page = run_notebook(NOTEBOOKS / "06_serving_dashboard.ipynb",
+                                  {"start_server": "transformers", "requests": 4, "output_tokens": 24},
+                                  out_dir=tmp_path, progress_bar=False)
+    NOTEBOOK_SECONDS["06_serving_dashboard (transformers serve)"] = time.perf_counter() - start
+    results = read_results(executed)
+    assert results["server_kind"] == "unknown" and results["max_server_running"] is None  # it has no /metrics
+    assert results["answered"] == results["requests"] == 4
+    assert all(0 < n <= 24 for n in results["output_tokens"])  # no ignore_eos here: answers may end early
+    assert results["max_client_decoding"] == 1  # it answers one request at a time; vLLM's server does not
+    assert results["polls"] > 3
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"] == 2
