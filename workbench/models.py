@@ -10,6 +10,7 @@ PosixPath('/root/.cache/workbench/models/smollm2-135m')
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -214,12 +215,21 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def count_parameters(path: Path) -> int:
-    """Parameters stored in a model folder's safetensors files, read from their headers (no weights loaded)."""
+    """Parameters stored in a model folder's safetensors files, read from their headers (no weights loaded).
+
+    Read once per version of the files: engines report it in `info`, which every run's cache facts ask for.
+    """
+    files = sorted(Path(path).glob("*.safetensors"))
+    return _count_in_files(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _count_in_files(files: tuple[tuple[str, int, int], ...]) -> int:
     from safetensors import safe_open
 
     total = 0
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+    for file, _mtime, _size in files:
+        with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 n = 1

@@ -100,7 +100,6 @@ class OpenAIEngine(Engine):
         # what the server says, else what the model's config allows (the server may have been started with less)
         self.max_model_len = (self._requested_len or server_len
                               or getattr(self.config, "max_position_embeddings", None) or 0)
-        self._params = _count_parameters(self.model.path)  # once: every run's cache facts ask for the weight bytes
         self.server_kind = "unknown"
         try:
             first = read_metrics(self.metrics_url, timeout_s=min(self.timeout_s, 10))
@@ -161,8 +160,9 @@ class OpenAIEngine(Engine):
 
     # ---- facts -----------------------------------------------------------------------------------------------
     def _info(self) -> EngineInfo:
+        params = _count_parameters(self.model.path)
         return EngineInfo(self.name, f"{self.server_kind} server", self.url, self.dtype, self.model.name,
-                          str(self.model.path or ""), self._params, self._params * bytes_per_element(self.dtype),
+                          str(self.model.path or ""), params, params * bytes_per_element(self.dtype),
                           self.max_model_len, dict(self.options))
 
     def _kv_bytes_per_token(self) -> int:
