@@ -145,9 +145,26 @@ def test_deepspeed_gives_the_same_greedy_tokens_as_transformers(load_shared):
 
 @pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
 def test_deepspeed_kernel_injection_without_a_gpu_is_a_clear_error():
-    with pytest.raises(wb.UnsupportedOptionError, match="needs a CUDA GPU"):
+    with pytest.raises(wb.UnsupportedOptionError, match="kernels need a CUDA GPU"):
         wb.load("deepspeed", model="tiny-llama", kernel_inject=True)
     with pytest.raises(wb.UnsupportedOptionError, match="torchrun --nproc-per-node 2"):  # one process, not 2 ranks
         wb.load("deepspeed", model="tiny-llama", tensor_parallel_size=2)
     with wb.load("deepspeed", model="tiny-llama") as engine:  # and loading without it still works
         assert len(engine.generate("Hi", max_tokens=3, temperature=0, chat=False)[0].token_ids) == 3
+
+
+@pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
+def test_deepspeed_kernel_injection_is_offered_only_for_models_its_kernels_serve():
+    from transformers import AutoConfig, LlamaConfig
+
+    from workbench.engines.deepspeed_inference import injection_blocker
+
+    def config(alias):
+        return AutoConfig.from_pretrained(wb.resolve_model(alias).path)
+
+    # SmolLM2 and tiny-llama use grouped-query attention, which the fused kernels cannot hold
+    assert "9 heads, 3 KV heads" in injection_blocker(config("smollm2-135m"))
+    assert "grouped-query" in injection_blocker(config("tiny-llama"))
+    assert "no kernel-injection policy for 'qwen2'" in injection_blocker(config("tiny-qwen2"))
+    # a multi-head Llama passes those checks, and then meets the transformers 5 mismatch seen on a GPU
+    assert "do not fit transformers 5" in injection_blocker(LlamaConfig(num_attention_heads=4, num_key_value_heads=4))

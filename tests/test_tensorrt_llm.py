@@ -1,5 +1,5 @@
 """TensorRT-LLM: on a machine without it (or without an NVIDIA GPU) the workbench says so; where it runs, the same
-generation and trace checks as the other engines. No GPU was lent to the sessions that wrote this."""
+generation and trace checks as the other engines. Not yet run: see the README's GPU section."""
 
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ def small_cache():
 
 
 def test_shared_system_prompt_shares_physical_blocks(small_cache):
-    requests = [Request("What is a block?", system=SYSTEM, max_tokens=8),
+    # r0 runs long enough to still hold its blocks when r1 arrives, however fast the machine (8 tokens once ended
+    # before 0.3 s)
+    requests = [Request("What is a block?", system=SYSTEM, max_tokens=64, ignore_eos=True),
                 Request("What is a scheduler?", system=SYSTEM, max_tokens=8, arrival_s=0.3)]
     trace = small_cache.run(requests)
     both = [s for s in trace.steps if {"r0", "r1"} <= {r.request_id for r in s.requests if r.block_ids}]
@@ -54,7 +56,7 @@ def test_small_cache_preempts_and_resumes_and_counts_match_vllm(small_cache):
 
 
 def test_late_request_joins_the_running_batch(small_cache):
-    requests = [Request("Count from one to forty.", max_tokens=60, ignore_eos=True),
+    requests = [Request("Count from one to forty.", max_tokens=120, ignore_eos=True),  # still decoding at 1 s
                 Request("Name three colors.", max_tokens=8, arrival_s=1.0, ignore_eos=True)]
     trace = small_cache.run(requests)
     joined = next(s for s in trace.steps if s.request("r1") and s.request("r1").state == "prefill")

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 import workbench as wb
 from conftest import HAVE_VLLM
+from workbench.analysis import run_summary
 from workbench.trace import STATES
 from workbench.widgets import BatchTimeline, KVCacheView, LiveFeed, MemoryView, Replay, ThroughputView, Workbench
 from workbench.widgets.figures import MEMORY_PARTS
@@ -103,6 +105,21 @@ def test_memory_and_throughput_views_match_the_trace(vllm_trace):
     ttft = dict(zip(*(ThroughputView(trace).figure_widget.data[1][k] for k in ("x", "y"))))
     for request, result in zip(trace.requests, trace.results):
         assert math.isclose(ttft[request.request_id], result.metrics.ttft_s, abs_tol=1e-6)
+
+
+@needs_vllm
+def test_memory_view_of_a_gpu_trace_shows_the_rest_of_gpu_memory(vllm_trace):
+    trace, _, _ = vllm_trace
+    # the same steps as a GPU engine records them: torch's allocations on the device beside the process's RAM
+    extra = [2**20 * (i + 1) for i in range(len(trace.steps))]
+    steps = [replace(s, memory=replace(s.memory, device_allocated_bytes=s.memory.weights_bytes +
+                                       s.memory.kv_reserved_bytes + more, device_peak_bytes=2**30))
+             for s, more in zip(trace.steps, extra)]
+    figure = MemoryView(replace(trace, steps=steps)).figure_widget
+    assert np.allclose(np.array(figure.data[3].y) * 2**20, extra)  # the rest is GPU memory, not RAM
+    assert figure.layout.title.text.startswith("GPU memory")
+    assert MemoryView(trace).figure_widget.layout.title.text.startswith("Memory: ")
+    assert run_summary(replace(trace, steps=steps))["peak_gpu_memory_gib"] == 1.0
 
 
 @needs_vllm

@@ -76,7 +76,9 @@ def measure_memory(engine: str, model: str | None = None, dtype: str = "float32"
     Keys: baseline_bytes (the process with the engine's libraries imported), weights_bytes, kv_cache_bytes (paged
     engines: the block pool; `transformers`: the cache this request built), rest_bytes (the peak less all three:
     activations, buffers, allocator slack), peak_bytes, kv_bytes_per_token (config) and
-    kv_bytes_per_token_measured, load_s, answer. On failure, `error` holds the engine's own short message.
+    kv_bytes_per_token_measured, load_s, answer, device. On a GPU the weights and KV cache are device memory:
+    gpu_loaded_bytes (torch's allocations once loaded), gpu_peak_bytes, and rest_bytes is the GPU peak less weights
+    and KV cache. On failure, `error` holds the engine's own short message.
     """
     from workbench.models import DEFAULT_MODEL
 
@@ -101,7 +103,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     import workbench as wb
     from workbench.engines import SPECS
-    from workbench.engines.base import process_memory
+    from workbench.engines.base import device_memory, process_memory
 
     row: dict[str, Any] = {"engine": spec["engine"], "dtype": spec["dtype"]}
     try:
@@ -110,6 +112,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         baseline, _ = process_memory()
         with wb.load(spec["engine"], model=spec["model"], dtype=spec["dtype"], **spec["options"]) as engine:
             loaded, _ = process_memory()
+            gpu_loaded = device_memory(engine.info.device)[0]
             info, facts = engine.info, engine.cache_facts
             kv = engine.measure_kv_cache()
             result = engine.generate(spec["prompt"], max_tokens=spec["max_tokens"], temperature=0)[0]
@@ -122,7 +125,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 kv_bytes_per_token=engine.kv_bytes_per_token, kv_bytes_per_token_measured=kv.bytes_per_token,
                 kv_source=kv.source, kv_token_slots=kv.token_slots if facts.paged else tokens,
                 paged=facts.paged, block_size=facts.block_size, max_model_len=facts.max_model_len,
-                load_s=engine.load_seconds, answer=result.text)
+                load_s=engine.load_seconds, answer=result.text, device=info.device)
+            gpu_peak = device_memory(info.device)[1]
+            if gpu_peak:  # on a GPU, in this process: weights and KV cache are GPU memory, not the process's
+                row.update(gpu_loaded_bytes=gpu_loaded, gpu_peak_bytes=gpu_peak,
+                           rest_bytes=gpu_peak - info.weight_bytes - kv_bytes)
     except wb.WorkbenchError as exc:
         row["error"] = str(exc)
     return row

@@ -81,6 +81,9 @@ class MemorySnapshot:
     kv_used_bytes: int
     process_rss_bytes: int
     process_peak_bytes: int
+    # torch's allocations on the engine's GPU (0 on a CPU), where weights and KV cache live there
+    device_allocated_bytes: int = 0
+    device_peak_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """DeepSpeed inference: `deepspeed.init_inference` around the Hugging Face model, then `generate` on what it wraps.
 
-Kernel injection (DeepSpeed's fused transformer kernels replacing the model's layers) needs a GPU: on a CPU the
-workbench turns it off and `engine.info.options["kernel_inject"]` says why. Tensor parallelism (DeepSpeed's AutoTP:
+Kernel injection (DeepSpeed's fused transformer kernels replacing the model's layers) needs a GPU, a model its
+policies cover with full multi-head attention, and a transformers whose decoder layers its fused layer fits (not
+transformers 5 with DeepSpeed 0.19.8, as seen on an H200): it is on by default where it can run, off elsewhere,
+and `engine.info.options["kernel_inject"]` says which and why. Tensor parallelism (DeepSpeed's AutoTP:
 attention and MLP weights split by rows/columns, an all-reduce after each split layer) needs one process per rank,
 started by a launcher (`torchrun --nproc-per-node N script.py` or `deepspeed --num_gpus N script.py`); every rank
 loads the engine with `tensor_parallel_size=N` and gets the same tokens.
@@ -30,12 +32,13 @@ class DeepSpeedEngine(TransformersEngine):
         super()._load()  # the Hugging Face model, tokenizer settings and end-of-sequence ids
         wanted = self.options.get("kernel_inject")
         on_gpu = self.device.startswith("cuda")
-        if wanted and not on_gpu:
-            raise UnsupportedOptionError("DeepSpeed's kernel injection needs a CUDA GPU; on this CPU load with "
-                                         "kernel_inject=False (the default here).")
-        self.kernel_inject = bool(on_gpu if wanted is None else wanted)
+        blocker = injection_blocker(self.hf_model.config) if on_gpu else "DeepSpeed's inference kernels need a CUDA GPU"
+        if wanted and blocker:
+            raise UnsupportedOptionError(f"kernel_inject=True cannot be used here: {blocker}. Load with "
+                                         "kernel_inject=False (the default for this model here).")
+        self.kernel_inject = not blocker if wanted is None else bool(wanted)
         self.kernel_note = ("fused inference kernels replace the model's layers" if self.kernel_inject else
-                            "off: DeepSpeed's inference kernels need a CUDA GPU" if not on_gpu else "off (asked)")
+                            "off (asked)" if wanted is False else f"off: {blocker}")
         tp_size = int(self.options.get("tensor_parallel_size") or 1)
         self.tp_note = "off"
         if tp_size > 1:
@@ -57,6 +60,39 @@ class DeepSpeedEngine(TransformersEngine):
     def _release(self) -> None:
         del self.ds_engine
         super()._release()
+
+
+# Hugging Face model types that DeepSpeed's kernel-injection policies cover (its module_inject/containers).
+_INJECTABLE = ("bert", "bloom", "distilbert", "gpt2", "gptj", "gpt_neo", "gpt_neox", "internlm", "llama", "opt")
+
+
+def injection_blocker(config) -> str | None:
+    """Why DeepSpeed's fused kernels cannot serve this model, or None when they can.
+
+    >>> injection_blocker(LlamaConfig(num_attention_heads=4, num_key_value_heads=2))   # doctest: +SKIP
+    "DeepSpeed's fused kernels have no grouped-query attention (this model: 4 heads, 2 KV heads)"
+    """
+    if config.model_type not in _INJECTABLE:
+        return f"DeepSpeed has no kernel-injection policy for {config.model_type!r} models"
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if kv_heads != heads:
+        # Its attention takes q, k and v of one width: a GQA model's narrower k/v fail while copying the weights
+        # ("Merging tensors is not allowed here!", seen with DeepSpeed 0.19.8 on an H200).
+        return (f"DeepSpeed's fused kernels have no grouped-query attention (this model: {heads} heads, "
+                f"{kv_heads} KV heads)")
+    if _at_least(version("transformers"), 5) and not _at_least(version("deepspeed"), 0, 19, 9):
+        # Seen on an H200 (DeepSpeed 0.19.8, transformers 5.19, Llama): the fused layer returns (hidden, presents)
+        # where transformers 5's decoder loop expects the hidden states alone, so the second layer fails.
+        return (f"DeepSpeed {version('deepspeed')}'s fused layers do not fit transformers "
+                f"{version('transformers')}'s decoder layers (they return a tuple where a tensor is expected)")
+    return None
+
+
+def _at_least(installed: str, *wanted: int) -> bool:
+    from packaging.version import Version
+
+    return Version(installed).release[:len(wanted)] >= wanted
 
 
 def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:

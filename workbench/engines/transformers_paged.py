@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput, process_memory
+from workbench.engines.base import Engine, RawOutput, device_memory, process_memory
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
 from workbench.errors import WorkbenchError
 from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot,
@@ -144,7 +144,8 @@ class TransformersPagedEngine(Engine):
         ids = [f"{self._next_id()}-{name}" for name in names]
         index = {rid: i for i, rid in enumerate(ids)}
         clock = RunClock(arrivals, self._stop_requested)
-        watcher = _PagedSteps(recorder, names, index, clock, [len(p) for p in prompts]) if recorder.wanted else None
+        watcher = (_PagedSteps(recorder, names, index, clock, [len(p) for p in prompts], self.device)
+                   if recorder.wanted else None)
         results, partial = {}, {}
         streaming = recorder.on_tokens is not None  # partial outputs every step: only when someone shows them
         max_new = max(o.max_tokens for o in options)
@@ -192,9 +193,9 @@ class _PagedSteps:
     """Called in the manager's thread after each step: reads its scheduler and paged cache into a snapshot."""
 
     def __init__(self, recorder: TraceRecorder, names: list[str], index: dict[str, int], clock: RunClock,
-                 prompt_lengths: list[int]) -> None:
+                 prompt_lengths: list[int], device: str) -> None:
         self.recorder, self.names, self.index, self.clock = recorder, names, index, clock
-        self.prompt_lengths = prompt_lengths
+        self.prompt_lengths, self.device = prompt_lengths, device
         self.submitted: set[str] = set()
         self.done: set[str] = set()
         self.was_active: set[str] = set()
@@ -249,7 +250,7 @@ class _PagedSteps:
                 blocks[block] = BLOCK_USED
         used = sum(1 for b in blocks if b == BLOCK_USED)
         memory = MemorySnapshot(facts.weight_bytes, allocator.num_blocks * facts.bytes_per_block,
-                                used * facts.bytes_per_block, *process_memory())
+                                used * facts.bytes_per_block, *process_memory(), *device_memory(self.device))
         self.recorder.add(StepSnapshot(self.step, now, tuple(snaps), "".join(blocks), memory,
                                        {"kv_usage": used / max(1, allocator.num_blocks)}))
         self.step += 1

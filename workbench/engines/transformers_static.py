@@ -12,7 +12,7 @@ import time
 from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput, finish_from_eos, process_memory
+from workbench.engines.base import Engine, RawOutput, device_memory, finish_from_eos, process_memory
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
@@ -107,7 +107,8 @@ class _BatchSteps:
             snaps.append(self.recorder.dedupe(RequestSnapshot(self.names[i], "waiting", 0, 0, 0, (), 0)))
         slots = len(self.batch) * (self.width + k - 1)
         memory = MemorySnapshot(facts.weight_bytes, slots * facts.bytes_per_token,
-                                real_tokens * facts.bytes_per_token, *process_memory())
+                                real_tokens * facts.bytes_per_token, *process_memory(),
+                                *device_memory(self.engine.device))
         self.recorder.add(StepSnapshot(self.step, now, tuple(snaps), "", memory,
                                        {"batch_rows": len(self.batch), "padded_width": self.width}))
 

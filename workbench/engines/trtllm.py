@@ -6,7 +6,8 @@ enable_iter_perf_stats=True)`, `generate_async(prompt_token_ids, SamplingParams,
 carry `token_ids_diff`, `abort()`, `get_stats(timeout)` (per iteration: numActiveRequests, numQueuedRequests,
 inflightBatchingStats, kvCacheStats) and `get_kv_cache_events(timeout)` (blocks stored into and removed from the
 reuse cache). Checked against the LLM API's source (1.2-era `llm.py`, `executor/result.py`, `sampling_params.py`,
-`llm_args.py`). No GPU was lent to the sessions that wrote it: it has not been run (see the README).
+`llm_args.py`). It has not been run: the one GPU machine lent had no network, and its wheel was too large to
+carry there (see the README).
 
 A run streams each request in its own thread and, between, reads the iteration stats into trace steps: the engine's
 own counts of active, queued, context and generation requests, its block pool's used and free blocks, and the

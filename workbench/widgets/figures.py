@@ -233,7 +233,9 @@ def memory_series(trace: Trace, upto: int = -1) -> dict[str, list[float]]:
         series["weights"].append(m.weights_bytes)
         series["KV in use"].append(m.kv_used_bytes)
         series["KV reserved, unused"].append(max(0, m.kv_reserved_bytes - m.kv_used_bytes))
-        series["rest of the process"].append(max(0, m.process_rss_bytes - m.weights_bytes - m.kv_reserved_bytes))
+        # On a GPU the weights and KV cache are device memory, so the rest is what else torch holds there.
+        held = m.device_allocated_bytes or m.process_rss_bytes
+        series["rest of the process"].append(max(0, held - m.weights_bytes - m.kv_reserved_bytes))
     return series
 
 
@@ -246,11 +248,18 @@ def memory_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
     colors = ("#828282", "#27ae60", "#a8e6bf", "#f2c94c")
     return [dict(type="scatter", x=series["time_s"], y=np.array(series[part]) / 2**20, name=part,
                  stackgroup="memory", line=dict(width=0.5, color=color))
-            for part, color in zip(MEMORY_PARTS, colors)], f"Memory: {trace.engine}"
+            for part, color in zip(MEMORY_PARTS, colors)], f"{_memory_place(trace)}: {trace.engine}"
+
+
+def _memory_place(trace: Trace) -> str:
+    on_gpu = any(s.memory.device_allocated_bytes for s in trace.steps)
+    return "GPU memory (torch's allocations)" if on_gpu else "Memory"
 
 
 def memory_figure(trace: Trace, upto: int = -1) -> go.Figure:
-    """Weights, KV in use, KV reserved but unused, and the rest of the process, stacked over time (MiB)."""
+    """Weights, KV in use, KV reserved but unused, and the rest of the process, stacked over time (MiB).
+
+    On a GPU the rest is what else torch holds on the device (activations, buffers), not the process's RAM."""
     return _figure(memory_layout(trace), *memory_traces(trace, upto))
 
 
