@@ -5,7 +5,7 @@ once; the workbench call and the direct call use the same loaded model and alter
 table gives the best of the repeats and the median ratio of each repeat's two adjacent runs (these machines are
 noisy: read the median ratio, not the absolute numbers).
 
-    .venv/bin/python bench/engine_throughput.py [--engines vllm transformers ...] [--repeats 5]
+    .venv/bin/python bench/engine_throughput.py [--engines vllm transformers ...] [--repeats 5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def direct_transformers(engine: wb.Engine, prompt_ids: list[list[int]]) -> int:
 
     tok = engine.tokenizer
     tok.padding_side = "left"
-    batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt")
+    batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(engine.device)
     config = GenerationConfig(max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id,
                               eos_token_id=engine.eos_ids)
     with torch.inference_mode():
@@ -85,11 +85,13 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=installed)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", help="cpu or cuda, for the Hugging Face engines (default: theirs)")
     args = parser.parse_args()
+    options = {"device": args.device} if args.device else {}
 
     rows = []
     for name in args.engines:
-        engine = wb.load(name, model=args.model)
+        engine = wb.load(name, model=args.model, **options)
         prompt_ids = [engine._encode(p, chat=True) for p in PROMPTS]
         engine.generate(PROMPTS[:2], max_tokens=4, temperature=0)  # warm up both paths' first-call costs
         best = {"workbench": 0.0, "direct": 0.0}
@@ -111,7 +113,8 @@ def main() -> None:
         print(f"{name}: workbench {best['workbench']:.1f} tok/s, direct {best['direct']:.1f} tok/s", flush=True)
 
     print(f"\n{len(PROMPTS)} chat prompts x {MAX_TOKENS} new tokens, greedy, {args.model}, float32, "
-          f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, best of {args.repeats}\n")
+          f"{args.device or 'default device'}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
+          f"best of {args.repeats}\n")
     print("| engine | workbench tokens/s (best) | direct tokens/s (best) | ratio of bests | median ratio per repeat |")
     print("| --- | --- | --- | --- | --- |")
     for name, ours, direct, median in rows:
