@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.workbench-installed
 NOTEBOOK ?= notebooks/00_quickstart.ipynb
 
-.PHONY: lab test report bench install models browser clean
+.PHONY: lab test report bench install models browser llama-server clean
 
 install: $(STAMP)
 
@@ -26,6 +26,24 @@ $(STAMP): pyproject.toml Makefile
 models: $(STAMP)
 	$(BIN)/python -m workbench.models
 
+# llama.cpp's OpenAI-compatible server, for `start_llamacpp_server`: built from the llama.cpp sources that
+# llama-cpp-python's sdist carries (PyPI is reachable where GitHub may not be). Static, CPU, without its web UI;
+# about 10 minutes on 2 cores, once.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SRC := build/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+
+llama-server: $(BIN)/llama-server
+
+$(BIN)/llama-server: | $(STAMP)
+	mkdir -p build
+	$(BIN)/pip download -q --no-deps --no-binary=:all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d build
+	tar xzf build/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C build
+	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CCACHE=OFF
+	cmake --build build/llama.cpp --target llama-server -j$(shell nproc)
+	cp build/llama.cpp/bin/llama-server $@
+
 # JupyterLab refuses to run as root unless told; containers often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
@@ -37,7 +55,7 @@ browser:
 	command -v chromium >/dev/null || { $(if $(ROOT_FLAG),,sudo) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(if $(ROOT_FLAG),,sudo) apt-get install -y -qq chromium; }
 
-test: $(STAMP) browser
+test: $(STAMP) browser llama-server
 	$(BIN)/python -m pytest -q
 
 report: $(STAMP)
@@ -47,4 +65,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py
 
 clean:
-	rm -rf $(VENV) reports
+	rm -rf $(VENV) reports build

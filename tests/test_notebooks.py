@@ -119,18 +119,42 @@ def test_serving_dashboard_notebook(notebook_report):
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
 
+def run_dashboard(label: str, parameters: dict, out_dir) -> tuple[dict, object]:
+    """Notebook 06 with these parameters: its recorded results and its HTML page, its time noted under `label`."""
+    start = time.perf_counter()
+    executed, page = run_notebook(NOTEBOOKS / "06_serving_dashboard.ipynb", parameters, out_dir=out_dir,
+                                  progress_bar=False)
+    NOTEBOOK_SECONDS[f"06_serving_dashboard ({label})"] = time.perf_counter() - start
+    return read_results(executed), page
+
+
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")),
                     reason="transformers serve needs fastapi and uvicorn")
 def test_serving_dashboard_notebook_on_transformers_serve(tmp_path):
-    start = time.perf_counter()
-    executed, page = run_notebook(NOTEBOOKS / "06_serving_dashboard.ipynb",
-                                  {"start_server": "transformers", "requests": 4, "output_tokens": 24},
-                                  out_dir=tmp_path, progress_bar=False)
-    NOTEBOOK_SECONDS["06_serving_dashboard (transformers serve)"] = time.perf_counter() - start
-    results = read_results(executed)
+    results, page = run_dashboard("transformers serve", {"start_server": "transformers", "requests": 4,
+                                                         "output_tokens": 24}, tmp_path)
     assert results["server_kind"] == "unknown" and results["max_server_running"] is None  # it has no /metrics
     assert results["answered"] == results["requests"] == 4
     assert all(0 < n <= 24 for n in results["output_tokens"])  # no ignore_eos here: answers may end early
     assert results["max_client_decoding"] == 1  # it answers one request at a time; vLLM's server does not
     assert results["polls"] > 3
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"] == 2
+
+
+def test_serving_dashboard_notebook_on_llamacpp_server(tmp_path):
+    from workbench.errors import WorkbenchError
+    from workbench.servers import llama_server_binary
+
+    try:
+        llama_server_binary()
+    except WorkbenchError as exc:
+        pytest.skip(str(exc))
+    results, page = run_dashboard("llama.cpp", {"start_server": "llama.cpp", "requests": 8, "output_tokens": 32},
+                                  tmp_path)
+    assert results["server_kind"] == "llamacpp"
+    assert results["answered"] == results["requests"] == 8
+    assert results["output_tokens"] == [32] * 8  # it takes ignore_eos, so the notebook asks for exact lengths
+    assert 1 < results["max_server_running"] <= 4  # its 4 slots decoded requests together, as its /metrics said
+    assert results["max_kv_usage"] is None  # this llama.cpp publishes no KV usage
+    assert results["server_generation_tokens"] == 8 * 32
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"] == 3

@@ -1,5 +1,5 @@
 """Start an inference server on this machine for the remote engines to talk to: vLLM's OpenAI-compatible server,
-or Transformers' own (`transformers serve`).
+Transformers' own (`transformers serve`), or llama.cpp's (`llama-server`, on a GGUF file).
 
 >>> from workbench.servers import start_vllm_server
 >>> with start_vllm_server("smollm2-135m") as server:                      # doctest: +SKIP
@@ -12,6 +12,7 @@ line, where any user of the machine could read it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,3 +155,50 @@ def start_transformers_server(model: str = "smollm2-135m", port: int | None = No
                "serve", path, "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype,
                "--continuous-batching" if continuous_batching else "--no-continuous-batching", *extra_args]
     return _start(command, env, "transformers", path, port, timeout_s)
+
+
+def llama_server_binary() -> Path:
+    """llama.cpp's `llama-server`: `$WORKBENCH_LLAMA_SERVER`, the one `make llama-server` put beside this Python, or
+    one on the PATH."""
+    candidates = [os.environ.get("WORKBENCH_LLAMA_SERVER"), str(Path(sys.executable).parent / "llama-server"),
+                  shutil.which("llama-server")]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    raise WorkbenchError("llama.cpp's llama-server was not found: build it with `make llama-server` (from the "
+                         "llama.cpp sources in the llama-cpp-python sdist), or put yours on the PATH or in "
+                         "WORKBENCH_LLAMA_SERVER.")
+
+
+def start_llamacpp_server(model: str = "smollm2-135m", port: int | None = None, parallel: int = 4,
+                          context_per_request: int = 2048, api_key_env: str | None = None,
+                          extra_args: tuple[str, ...] = (), timeout_s: float = 120) -> LocalServer:
+    """Start llama.cpp's OpenAI-compatible server on a GGUF file, with `parallel` slots (requests decoded together,
+    each with `context_per_request` tokens of KV cache) and `/metrics` on.
+
+    `model` is the bundled alias (its GGUF, SmolLM2-135M-Instruct Q4_1, as shipped) or a path to a .gguf file; the
+    server knows it by that name.
+
+    >>> with start_llamacpp_server("smollm2-135m") as server:                  # doctest: +SKIP
+    ...     engine = wb.load("openai", url=server.url, model=server.model)
+    """
+    from workbench.models import DEFAULT_MODEL, bundled_gguf_path
+
+    if model == DEFAULT_MODEL:
+        gguf = bundled_gguf_path()
+    elif str(model).endswith(".gguf") and Path(model).is_file():
+        gguf = Path(model)
+    else:
+        raise WorkbenchError(f"llama.cpp serves GGUF files: give {DEFAULT_MODEL!r} (the bundled one) or the path of "
+                             f"a .gguf file, not {model!r}.")
+    binary = llama_server_binary()
+    port = port or free_port()
+    env = dict(os.environ)
+    if api_key_env:
+        if not os.environ.get(api_key_env):
+            raise WorkbenchError(f"the environment variable {api_key_env} is empty: set it to the API key first.")
+        env["LLAMA_API_KEY"] = os.environ[api_key_env]  # llama-server reads it there; never on its command line
+    command = [str(binary), "--model", str(gguf), "--alias", str(model), "--host", "127.0.0.1", "--port", str(port),
+               "--parallel", str(parallel), "--ctx-size", str(parallel * context_per_request), "--metrics",
+               "--threads", str(os.cpu_count() or 1), *extra_args]
+    return _start(command, env, "llamacpp", str(model), port, timeout_s)

@@ -1,7 +1,7 @@
 """A server's Prometheus `/metrics`, read into one sample of what the workbench draws: requests running and waiting,
 KV cache usage, tokens generated, the server process's memory, and the cache's layout where the server says it.
 
-Metric names differ by server; each quantity lists the names vLLM, TGI and SGLang give it.
+Metric names differ by server; each quantity lists the names vLLM, TGI, SGLang and llama.cpp give it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,19 @@ from workbench.errors import WorkbenchError
 
 # quantity -> the metric (sample) names servers report it under; gauges, and counters with their _total suffix
 _NAMES = {
-    "running": ("vllm:num_requests_running", "tgi_batch_current_size", "sglang:num_running_reqs"),
-    "waiting": ("vllm:num_requests_waiting", "tgi_queue_size", "sglang:num_queue_reqs"),
+    "running": ("vllm:num_requests_running", "tgi_batch_current_size", "sglang:num_running_reqs",
+                "llamacpp:requests_processing"),
+    "waiting": ("vllm:num_requests_waiting", "tgi_queue_size", "sglang:num_queue_reqs", "llamacpp:requests_deferred"),
     "kv_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"),
     "generation_tokens": ("vllm:generation_tokens_total", "tgi_request_generated_tokens_sum",
-                          "sglang:generation_tokens_total"),
-    "prompt_tokens": ("vllm:prompt_tokens_total", "tgi_request_input_length_sum", "sglang:prompt_tokens_total"),
+                          "sglang:generation_tokens_total", "llamacpp:tokens_predicted_total"),
+    # llama.cpp counts the prompt tokens it computed, not those its prompt cache served
+    "prompt_tokens": ("vllm:prompt_tokens_total", "tgi_request_input_length_sum", "sglang:prompt_tokens_total",
+                      "llamacpp:prompt_tokens_total"),
     "preemptions": ("vllm:num_preemptions_total",),
     "rss_bytes": ("process_resident_memory_bytes",),
 }
-_KINDS = {"vllm:": "vllm", "tgi_": "tgi", "sglang:": "sglang"}
+_KINDS = {"vllm:": "vllm", "tgi_": "tgi", "sglang:": "sglang", "llamacpp:": "llamacpp"}
 
 
 @dataclass
