@@ -28,7 +28,7 @@ models: $(STAMP)
 
 # llama.cpp's OpenAI-compatible server, for `start_llamacpp_server`: built from the llama.cpp sources that
 # llama-cpp-python's sdist carries (PyPI is reachable where GitHub may not be). Static, CPU, without its web UI;
-# about 10 minutes on 2 cores, once.
+# about 4 minutes on 2 cores, once. The compiler's output goes to build/llama.cpp.log (its tail on failure).
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_SRC := build/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
 
@@ -41,7 +41,8 @@ $(BIN)/llama-server: | $(STAMP)
 	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
 		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CCACHE=OFF
-	cmake --build build/llama.cpp --target llama-server -j$(shell nproc)
+	cmake --build build/llama.cpp --target llama-server -j$(shell nproc) > build/llama.cpp.log 2>&1 || \
+		{ tail -40 build/llama.cpp.log; exit 1; }
 	cp build/llama.cpp/bin/llama-server $@
 
 # JupyterLab refuses to run as root unless told; containers often are root.
