@@ -155,6 +155,9 @@ def test_deepspeed_kernel_injection_without_a_gpu_is_a_clear_error():
 
 @pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed is not installed")
 def test_deepspeed_kernel_injection_is_offered_only_for_models_its_kernels_serve():
+    from importlib.metadata import version
+
+    from packaging.version import Version
     from transformers import AutoConfig, LlamaConfig
 
     from workbench.engines.deepspeed_inference import injection_blocker
@@ -166,5 +169,10 @@ def test_deepspeed_kernel_injection_is_offered_only_for_models_its_kernels_serve
     assert "9 heads, 3 KV heads" in injection_blocker(config("smollm2-135m"))
     assert "grouped-query" in injection_blocker(config("tiny-llama"))
     assert "no kernel-injection policy for 'qwen2'" in injection_blocker(config("tiny-qwen2"))
-    # a multi-head Llama passes those checks, and then meets the transformers 5 mismatch seen on a GPU
-    assert "do not fit transformers 5" in injection_blocker(LlamaConfig(num_attention_heads=4, num_key_value_heads=4))
+    # a multi-head Llama passes those checks, and then meets the mismatch seen on a GPU with DeepSpeed 0.19.8 under
+    # transformers 5 (a later DeepSpeed is let through, to be tried)
+    multi_head = injection_blocker(LlamaConfig(num_attention_heads=4, num_key_value_heads=4))
+    if Version(version("deepspeed")) < Version("0.19.9"):
+        assert "do not fit transformers 5" in multi_head
+    else:
+        assert multi_head is None
