@@ -112,8 +112,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         baseline, _ = process_memory()
         with wb.load(spec["engine"], model=spec["model"], dtype=spec["dtype"], **spec["options"]) as engine:
             loaded, _ = process_memory()
-            gpu_loaded = device_memory(engine.info.device)[0]
             info, facts = engine.info, engine.cache_facts
+            gpu_loaded = device_memory(info.device)[0]
             kv = engine.measure_kv_cache()
             result = engine.generate(spec["prompt"], max_tokens=spec["max_tokens"], temperature=0)[0]
             _, peak = process_memory()

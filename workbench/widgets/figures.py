@@ -252,7 +252,8 @@ def memory_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
 
 
 def _memory_place(trace: Trace) -> str:
-    on_gpu = any(s.memory.device_allocated_bytes for s in trace.steps)
+    # An engine on a GPU holds its weights there from the first step: one step says it, at every live frame.
+    on_gpu = bool(trace.steps) and trace.steps[0].memory.device_allocated_bytes > 0
     return "GPU memory (torch's allocations)" if on_gpu else "Memory"
 
 
