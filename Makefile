@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.workbench-installed
 NOTEBOOK ?= notebooks/00_quickstart.ipynb
 
-.PHONY: lab test report bench install models browser llama-server clean
+.PHONY: lab test tests report bench install models browser llama-server clean
 
 install: $(STAMP)
 
@@ -28,22 +28,30 @@ models: $(STAMP)
 
 # llama.cpp's OpenAI-compatible server, for `start_llamacpp_server`: built from the llama.cpp sources that
 # llama-cpp-python's sdist carries (PyPI is reachable where GitHub may not be). Static, CPU, without its web UI;
-# about 4 minutes on 2 cores, once. The compiler's output goes to build/llama.cpp.log (its tail on failure).
+# about 4 minutes on 2 cores. Built for any x86-64 with AVX2 rather than for this CPU: ggml's AMX kernels, which a
+# native build turns on where the CPU has AMX, segfault at the first matrix product on such machines. The binary is
+# kept in the workbench cache under a key of its version and flags, so it is built once per machine and set of
+# flags. The compiler's output goes to build/llama.cpp.log (its tail on failure).
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_SRC := build/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+LLAMA_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_UI=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CCACHE=OFF
+LLAMA_KEY := $(shell echo "$(LLAMA_CPP_PYTHON) $(LLAMA_FLAGS)" | sha1sum | cut -c1-12)
+WORKBENCH_CACHE ?= $(HOME)/.cache/workbench
+LLAMA_CACHED := $(WORKBENCH_CACHE)/llama-server-$(LLAMA_CPP_PYTHON)-$(LLAMA_KEY)
 
-llama-server: $(BIN)/llama-server
+llama-server: $(LLAMA_CACHED) | $(STAMP)
+	cp $(LLAMA_CACHED) $(BIN)/llama-server
 
-$(BIN)/llama-server: | $(STAMP)
-	mkdir -p build
+$(LLAMA_CACHED): | $(STAMP)
+	mkdir -p build $(dir $@)
 	$(BIN)/pip download -q --no-deps --no-binary=:all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d build
 	tar xzf build/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C build
-	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-		-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CCACHE=OFF
-	cmake --build build/llama.cpp --target llama-server -j$(shell nproc) > build/llama.cpp.log 2>&1 || \
+	cmake -S $(LLAMA_SRC) -B build/llama.cpp-$(LLAMA_KEY) $(LLAMA_FLAGS)
+	cmake --build build/llama.cpp-$(LLAMA_KEY) --target llama-server -j$(shell nproc) > build/llama.cpp.log 2>&1 || \
 		{ tail -40 build/llama.cpp.log; exit 1; }
-	cp build/llama.cpp/bin/llama-server $@
+	cp build/llama.cpp-$(LLAMA_KEY)/bin/llama-server $@.tmp && mv $@.tmp $@
 
 # JupyterLab refuses to run as root unless told; containers often are root.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
@@ -56,7 +64,18 @@ browser:
 	command -v chromium >/dev/null || { $(if $(ROOT_FLAG),,sudo) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(if $(ROOT_FLAG),,sudo) apt-get install -y -qq chromium; }
 
-test: $(STAMP) browser llama-server
+# The whole suite, after what it needs; at the end, how long each phase took (the notebooks' own times are in
+# pytest's summary above it).
+test:
+	@status=0; times=""; \
+	for phase in install browser llama-server tests; do \
+		start=$$(date +%s); \
+		$(MAKE) --no-print-directory $$phase || { status=$$?; times="$$times, $$phase failed"; break; }; \
+		times="$$times, $$phase $$(( $$(date +%s) - start )) s"; \
+	done; \
+	echo "make test phases: $${times#, }"; exit $$status
+
+tests: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 report: $(STAMP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import time
 
 import pytest
@@ -90,7 +92,7 @@ def test_engine_report_notebook(notebook_report):
     installed = [s.name for s in wb.engines() if s.installed and not s.remote]
     assert results["engines"] == installed  # a row per engine installed here
     for name, row in results["table"].items():
-        for column in ("tokens/s", "TTFT p50 s", "TTFT p95 s", "TPOT s", "peak memory GiB", "load s"):
+        for column in ("tokens/s", "TTFT p50 s", "TTFT p95 s", "TPOT s", "peak memory GiB", "load s", "peak tokens/s"):
             assert row[column] > 0, f"{name}: {column} = {row[column]}"
         assert row["TTFT p95 s"] >= row["TTFT p50 s"]
         assert 0 <= row["KV waste %"] < 100
@@ -100,7 +102,8 @@ def test_engine_report_notebook(notebook_report):
     speed = claims["vLLM is 14 to 24 times faster than Transformers"]
     if {"vllm", "transformers"} <= set(installed):
         table = results["table"]
-        assert speed["measured here"] == table["vllm"]["tokens/s"] / table["transformers"]["tokens/s"]
+        # at saturation: each engine's peak throughput from its sweep
+        assert speed["measured here"] == table["vllm"]["peak tokens/s"] / table["transformers"]["peak tokens/s"]
     assert claims["vLLM is 2.2 to 2.5 times faster than TGI"]["verdict"].startswith("not measured here")
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
@@ -158,3 +161,45 @@ def test_serving_dashboard_notebook_on_llamacpp_server(tmp_path):
     assert results["max_kv_usage"] is None  # this llama.cpp publishes no KV usage
     assert results["server_generation_tokens"] == 8 * 32
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"] == 3
+
+
+def test_load_sweep_notebook(notebook_report):
+    executed, page = notebook_report("07_load_sweep")
+    results = read_results(executed)
+    installed = {s.name for s in wb.engines() if s.installed and not s.remote}
+    expected = [n for n in ("vllm", "transformers-paged") if n in installed] + (["vllm server"] if HAVE_VLLM else [])
+    assert results["engines"] == expected
+    for name, points in results["points"].items():
+        assert [p["offered"] for p in points] == [1, 2, 4, 8][: len(points)] and len(points) >= 3, name
+        for p in points:
+            for metric in ("ttft", "tpot", "itl", "e2el"):
+                assert p[f"p99_{metric}_ms"] >= p[f"p95_{metric}_ms"] >= p[f"median_{metric}_ms"] > 0, (name, p)
+            assert p["request_goodput"] <= p["request_throughput"]
+            assert p["completed"] == 8 and p["failed"] == 0
+        knee = results["knee"][name]
+        rising = [p["output_throughput"] for p in points[: knee + 1]]
+        assert rising == sorted(rising) and rising[-1] > 1.5 * rising[0], name  # throughput rises to the knee
+        heaviest = points[-1]  # at the highest load the engine's state shows why latency climbed
+        assert heaviest["waiting_max"] > 0 or heaviest["kv_usage_peak"] > 0.9 or heaviest["preemptions"], name
+        assert heaviest["running_max"] <= 4  # the batch cap held
+    if "vllm server" in results["points"]:
+        # The client's means are the server's own, within 5% or 15 ms: the server receives and validates a request
+        # for 5 to 10 ms here before its own clock starts, more than 5% of a 150 ms time to first token.
+        for p in results["points"]["vllm server"]:
+            for metric in ("ttft", "itl", "e2el"):
+                client, server = p[f"mean_{metric}_ms"], p[f"engine_mean_{metric}_ms"]
+                assert abs(client - server) < max(0.05 * server, 15), (metric, p["load"], client, server)
+    folder = executed.parent
+    for name in results["files"]:
+        assert (folder / name).stat().st_size > 0, name
+    saved = json.loads((folder / "07_load_sweep.json").read_text())
+    assert len(saved["points"]) == sum(len(p) for p in results["points"].values())
+    html = page.read_text()
+    assert html.count('class="plotly-graph-div"') == results["static_figures"]
+    # the engines' log lines went to the log file the report links to, not into the report
+    import nbformat
+
+    printed = "".join(output.get("text", "") for cell in nbformat.read(str(executed), as_version=4).cells
+                      for output in cell.get("outputs", []) if output.get("output_type") == "stream")
+    assert not re.search(r"\b(INFO|WARNING|DEBUG)\b", printed), printed
+    assert 'href="07_load_sweep.log"' in html and "vllm" in (folder / "07_load_sweep.log").read_text()

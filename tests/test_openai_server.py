@@ -14,9 +14,10 @@ import pytest
 
 import workbench as wb
 from conftest import HAVE_VLLM
+from workbench.analysis import serving_metrics
 from workbench.servers import free_port, start_vllm_server
 from workbench.widgets.figures import STATE_CODES, memory_series, throughput_series, timeline_matrix
-from workbench.workload import make_workload
+from workbench.workload import Request, make_workload
 
 pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (the test server is vLLM's)")
 
@@ -63,6 +64,35 @@ def test_concurrent_streams_are_seen_running_together_in_the_servers_metrics(rem
     assert max(decoding) > 1
     assert max(memory_series(trace)["KV in use"]) > 0
     assert max(throughput_series(trace)["tokens_per_s"]) > 0
+
+
+NOTES = ("The engine reads each prompt in blocks of tokens and keeps their keys and values in a cache so that every new "
+         "token attends to all earlier ones without computing them again while other requests wait their turn in the "
+         "queue until memory frees. ")
+PROMPT = " ".join(("Summarize the following notes in one paragraph. " + NOTES * 3).split()[:104])  # 141 tokens
+
+
+@pytest.mark.parametrize("concurrent", [8, 64])
+def test_the_clients_latencies_are_the_servers_own_within_5_percent(remote, concurrent):
+    trace = remote.run([Request(PROMPT, max_tokens=64, ignore_eos=True) for _ in range(concurrent)])
+    assert [r.metrics.prompt_tokens for r in trace.results] == [141] * concurrent
+    assert [r.metrics.generated_tokens for r in trace.results] == [64] * concurrent
+    counters = trace.engine_counters  # the server's histograms, read from /metrics before and after the run
+    assert counters["ttft_count"] == counters["e2el_count"] == concurrent
+    assert counters["itl_count"] == concurrent * 63
+    metrics = serving_metrics(trace)
+    for name in ("ttft", "itl", "e2el"):
+        ratio = metrics[f"mean_{name}_ms"] / metrics[f"engine_mean_{name}_ms"]
+        assert abs(ratio - 1) < 0.05, f"{name}: client {metrics[f'mean_{name}_ms']:.1f} ms, server " \
+                                      f"{metrics[f'engine_mean_{name}_ms']:.1f} ms"
+    assert metrics["max_concurrent_requests"] == concurrent
+
+
+def test_a_closed_loop_against_a_server(remote):
+    trace = remote.run(make_workload(n=6, output_tokens=16, seed=4), max_concurrency=2)
+    assert [r.metrics.generated_tokens for r in trace.results] == [16] * 6
+    assert trace.steps_df()["server_running"].max() <= 2  # the server never saw more than two at once
+    assert min(r.metrics.queue_s for r in trace.results[2:]) > 0
 
 
 def test_stop_aborts_a_remote_run_and_the_engine_stays_usable(remote):

@@ -6,7 +6,7 @@ import pytest
 
 import workbench as wb
 from conftest import HAVE_VLLM
-from workbench.analysis import kv_waste
+from workbench.analysis import kv_waste, serving_metrics
 from workbench.trace import BLOCK_USED, Trace
 from workbench.workload import Request, make_workload
 
@@ -108,3 +108,33 @@ def test_waste_analysis_from_real_lengths(small_cache):
     assert waste["exact per sequence"] == 0
     assert waste["paged, block 16"] <= waste["paged, block 32"] <= waste["paged, block 64"] <= waste["paged, block 128"]
     assert waste["paged, block 128"] < waste["contiguous, max context (512)"]
+
+
+def test_request_timings_agree_with_vllms_own_request_stats(small_cache, tmp_path):
+    trace = small_cache.run(make_workload(n=5, output_tokens=24, rate=6.0, seed=8))
+    for result in trace.results:
+        mine, vllms = result.metrics, result.metrics.engine  # vLLM's RequestStateStats for this request
+        assert vllms["generated_tokens"] == mine.generated_tokens == 24
+        assert mine.ttft_s == pytest.approx(vllms["ttft_s"], rel=0.05, abs=0.01)
+        assert sum(mine.token_latencies_s[1:]) == pytest.approx(vllms["decode_s"], rel=0.05, abs=0.01)
+    metrics = serving_metrics(trace)
+    assert metrics["mean_ttft_ms"] == pytest.approx(metrics["engine_mean_ttft_ms"], rel=0.05)
+    assert metrics["mean_itl_ms"] == pytest.approx(metrics["engine_mean_itl_ms"], rel=0.05)
+    assert Trace.load(trace.save(tmp_path / "t.jsonl")).results[0].metrics.engine == trace.results[0].metrics.engine
+
+
+def test_a_trace_opens_in_perfetto_as_request_tracks_and_engine_counters(small_cache, tmp_path):
+    import json
+
+    trace = small_cache.run(make_workload(n=3, output_tokens=8, seed=9))
+    events = json.loads(trace.to_perfetto(tmp_path / "run.json").read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert tracks == {"r0", "r1", "r2"}
+    slices = [e for e in events if e["ph"] == "X"]
+    for tid in (1, 2, 3):
+        states = [e["name"] for e in sorted((e for e in slices if e["tid"] == tid), key=lambda e: e["ts"])]
+        assert states[0] in ("waiting", "prefill") and states[-1] == "decode"
+    counters = {e["name"] for e in events if e["ph"] == "C"}
+    assert {"waiting", "running", "KV cache used %", "tokens this step"} <= counters
+    decode = sum(e["dur"] for e in slices if e["name"] == "decode")
+    assert decode > 0

@@ -4,6 +4,7 @@
 >>> engine = wb.load("vllm", model="smollm2-135m")                      # doctest: +SKIP
 >>> engine.generate(["What is the capital of France?"], max_tokens=16, temperature=0)[0].text  # doctest: +SKIP
 'The capital of France is Paris.'
+>>> wb.sweep(engine, make_workload(n=32), concurrencies=[1, 4, 16])      # a row per load point  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from workbench.errors import (
     WorkbenchError,
 )
 from workbench.models import DEFAULT_MODEL, list_models, resolve_model
+from workbench.sweeps import sweep
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
 
 __version__ = "0.1.0"
@@ -63,5 +65,5 @@ __all__ = [
     "DEFAULT_MODEL", "Engine", "EngineInfo", "EngineNotInstalledError", "EngineStatus", "GenerationResult",
     "InvalidRequestError", "KVCacheMeasurement", "ModelNotFoundError", "RequestMetrics", "SamplingOptions",
     "UnknownEngineError", "UnsupportedOptionError", "WorkbenchError", "engine_options", "engines", "list_models",
-    "load", "resolve_model",
+    "load", "resolve_model", "sweep",
 ]

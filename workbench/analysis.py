@@ -1,7 +1,9 @@
-"""Analyses of a trace. `kv_waste` is the PagedAttention paper's comparison, redone on the user's own requests.
+"""Analyses of a trace. `kv_waste` is the PagedAttention paper's comparison, redone on the user's own requests;
+`serving_metrics` is vLLM's `bench serve` report of a run, and `engine_state` what the engine did meanwhile.
 
->>> from workbench.analysis import kv_waste
+>>> from workbench.analysis import kv_waste, serving_metrics
 >>> kv_waste(trace)        # doctest: +SKIP
+>>> serving_metrics(trace, slos={"ttft": 500})        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from math import ceil
 from typing import Sequence
 
+from workbench.errors import InvalidRequestError
 from workbench.trace import Trace, tokens_in_block
 
 
@@ -94,3 +97,158 @@ def kv_waste_measured(trace: Trace) -> float:
         allocated += len(blocks) * size
         held += sum(blocks.values())
     return 100.0 * (allocated - held) / allocated if allocated else 0.0
+
+
+# ---- serving under load: the metrics of vLLM's `bench serve`, computed from a trace ------------------------------
+SLO_METRICS = ("ttft", "tpot", "e2el")
+PERCENTILES = (90, 95, 99)
+
+
+def check_slos(slos: dict | None) -> dict[str, float]:
+    """SLOs as vLLM's `bench serve --goodput` takes them: {"ttft": ms, "tpot": ms, "e2el": ms}, any of the three."""
+    if not slos:
+        return {}
+    if not isinstance(slos, dict):
+        raise InvalidRequestError(f"slos must be a dict such as {{'ttft': 500, 'e2el': 4000}} (milliseconds), got "
+                                  f"{slos!r}.")
+    for name, bound in slos.items():
+        if name not in SLO_METRICS:
+            raise InvalidRequestError(f"no SLO on {name!r}: the metrics with SLOs are {', '.join(SLO_METRICS)} "
+                                      f"(milliseconds).")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound >= 0:
+            raise InvalidRequestError(f"the SLO on {name} must be a number of milliseconds >= 0, got {bound!r}.")
+    return {name: float(bound) for name, bound in slos.items()}
+
+
+def serving_metrics(trace: Trace, slos: dict | None = None) -> dict:
+    """The serving metrics of a run, with the names and definitions of vLLM's `bench serve` (its result JSON keys):
+
+    - `completed`, `failed` (a server failed them) and `aborted` (stopped) requests; `duration` (s) from the run's
+      start to its last answer; `total_input_tokens`, `total_output_tokens`;
+    - `request_throughput` (completed/s), `output_throughput` and `total_token_throughput` (tokens/s),
+      `request_goodput` (completed requests/s meeting every SLO; None without SLOs);
+    - for `ttft` (time to first token), `tpot` (time per output token after the first: (e2el - ttft) / (output - 1)),
+      `itl` (every gap between tokens, or between a server's chunks) and `e2el` (end-to-end latency): `mean_*_ms`,
+      `median_*_ms`, `std_*_ms`, `p90_*_ms`, `p95_*_ms`, `p99_*_ms`, each from the moment a request was sent;
+    - `*_client_queue_time_ms`: how long requests waited between their scheduled arrival and their sending (a closed
+      loop's wait for a slot, or a client behind its schedule), as vLLM reports it under `--max-concurrency`;
+    - `max_output_tokens_per_s` and `max_concurrent_requests` in any one-second bucket of the run.
+
+    Where the engine kept its own figures (a vLLM server's histograms, read from /metrics before and after; vLLM
+    in-process, per request), `engine_mean_ttft_ms`, `engine_mean_itl_ms`, `engine_mean_e2el_ms` give them beside.
+
+    >>> serving_metrics(trace, slos={"ttft": 500, "e2el": 4000})["request_goodput"]      # doctest: +SKIP
+    """
+    import numpy as np
+
+    bounds = check_slos(slos)
+    done = [(q, r) for q, r in zip(trace.requests, trace.results) if r.finish_reason in ("stop", "length")]
+    failed = sum(r.finish_reason == "error" for r in trace.results)
+    aborted = sum(r.finish_reason == "abort" for r in trace.results)
+    duration = trace_duration(trace)
+    ttfts = [r.metrics.ttft_s for _, r in done]
+    e2els = [r.metrics.total_s for _, r in done]
+    outputs = [r.metrics.generated_tokens for _, r in done]
+    # vLLM: tpot over requests with more than one output token; 0 for the others when judging goodput
+    all_tpots = [(e - t) / (n - 1) if n > 1 else 0.0 for t, e, n in zip(ttfts, e2els, outputs)]
+    tpots = [tpot for tpot, n in zip(all_tpots, outputs) if n > 1]
+    itls = [gap for _, r in done for gap in r.metrics.token_latencies_s[1:]]
+    queues = [r.metrics.queue_s for _, r in done]
+    total_input = sum(q.prompt_tokens or r.metrics.prompt_tokens for q, r in done)
+    good = None
+    if bounds:
+        values = {"ttft": ttfts, "tpot": all_tpots, "e2el": e2els}
+        good = sum(all(values[name][i] <= bound / 1000 for name, bound in bounds.items()) for i in range(len(done)))
+    result = {"completed": len(done), "failed": failed, "aborted": aborted, "duration": duration,
+              "total_input_tokens": total_input, "total_output_tokens": sum(outputs),
+              "request_throughput": len(done) / duration if duration else 0.0,
+              "request_goodput": good / duration if good is not None and duration else None,
+              "output_throughput": sum(outputs) / duration if duration else 0.0,
+              "total_token_throughput": (total_input + sum(outputs)) / duration if duration else 0.0}
+    for name, values in (("ttft", ttfts), ("tpot", tpots), ("itl", itls), ("e2el", e2els),
+                         ("client_queue_time", queues)):
+        data = np.array(values or [0.0]) * 1000  # vLLM reports 0 for a metric with no values
+        result.update({f"mean_{name}_ms": float(data.mean()), f"median_{name}_ms": float(np.median(data)),
+                       f"std_{name}_ms": float(data.std())})
+        result.update({f"p{p}_{name}_ms": float(np.percentile(data, p)) for p in PERCENTILES})
+    result.update(_peaks(trace, done))
+    result.update(_engine_latencies(trace, done))
+    return result
+
+
+def trace_duration(trace: Trace) -> float:
+    """Seconds from the run's start to its last answer (vLLM's benchmark duration)."""
+    ends = [q.arrival_s + r.metrics.queue_s + r.metrics.total_s for q, r in zip(trace.requests, trace.results)]
+    return max(ends, default=0.0)
+
+
+def _peaks(trace: Trace, done: list) -> dict:
+    """vLLM's peak figures: the most output tokens, and requests in flight, in any one-second bucket of the run."""
+    import numpy as np
+
+    if not done:
+        return {"max_output_tokens_per_s": 0.0, "max_concurrent_requests": 0}
+    sent = [q.arrival_s + r.metrics.queue_s for q, r in done]
+    buckets = int(np.ceil(max(s + r.metrics.total_s for s, (_, r) in zip(sent, done)) - min(sent))) + 1
+    tokens, concurrent = np.zeros(buckets), np.zeros(buckets)
+    first = min(sent)
+    for start, (_, r) in zip(sent, done):
+        times = np.cumsum(r.metrics.token_latencies_s) + start - first
+        np.add.at(tokens, np.clip(times.astype(int), 0, buckets - 1), 1)
+        concurrent[int(start - first): int(start + r.metrics.total_s - first) + 1] += 1
+    return {"max_output_tokens_per_s": float(tokens.max()), "max_concurrent_requests": int(concurrent.max())}
+
+
+def _engine_latencies(trace: Trace, done: list) -> dict:
+    """The engine's own mean latencies for the run: a server's histograms (their growth during the run), or the
+    per-request figures an in-process engine kept."""
+    counters = trace.engine_counters
+    out = {}
+    for name in ("ttft", "itl", "e2el"):
+        if counters.get(f"{name}_count"):
+            out[f"engine_mean_{name}_ms"] = 1000 * counters[f"{name}_sum"] / counters[f"{name}_count"]
+    stats = [r.metrics.engine for _, r in done if r.metrics.engine]
+    if stats and not out:
+        out["engine_mean_ttft_ms"] = 1000 * sum(s["ttft_s"] for s in stats) / len(stats)
+        gaps = sum(s["generated_tokens"] - 1 for s in stats)
+        if gaps:
+            out["engine_mean_itl_ms"] = 1000 * sum(s["decode_s"] for s in stats) / gaps
+    return out
+
+
+def engine_state(trace: Trace) -> dict:
+    """What the engine did during a run, from its own state in the trace: requests running (`running_mean`,
+    `running_max`) and waiting (`waiting_mean`, `waiting_max`; preempted ones count as waiting), KV cache usage
+    (`kv_usage_mean`, `kv_usage_peak`, 0 to 1), `preemptions`, `prefix_cache_hit_rate` (prompt tokens served from
+    the cache, 0 to 1) and `tokens_per_step` (tokens computed per engine step).
+
+    For an in-process engine each step is one scheduler step; for a server each step is one poll of its /metrics,
+    and the figures are its own gauges and counters (tokens per step from vLLM's iteration histogram). A figure the
+    engine does not expose is None.
+    """
+    steps = trace.steps_df()
+    if steps.empty:
+        return {k: None for k in ("running_mean", "running_max", "waiting_mean", "waiting_max", "kv_usage_mean",
+                                  "kv_usage_peak", "preemptions", "prefix_cache_hit_rate", "tokens_per_step")}
+    counters = trace.engine_counters
+    server = "server_running" in steps
+    running = steps["server_running"] if server else steps["running"]
+    waiting = steps["server_waiting"] if "server_waiting" in steps else steps["waiting"] + steps["preempted"]
+    kv = steps["kv_usage"] if "kv_usage" in steps else None
+    if server:
+        preemptions = counters.get("preemptions")
+        queries = counters.get("prefix_cache_queries")
+        hit_rate = counters["prefix_cache_hits"] / queries if queries else None
+        count = counters.get("step_tokens_count")
+        per_step = counters["step_tokens_sum"] / count if count else None
+    else:
+        preemptions = (counters["vllm:num_preemptions"] if "vllm:num_preemptions" in counters
+                       else int(trace.requests_df()["preemptions"].sum()))
+        queries = counters.get("vllm:prefix_cache_queries")  # only vLLM counts its prefix cache's hits
+        hit_rate = counters["vllm:prefix_cache_hits"] / queries if queries else None
+        per_step = float(steps["scheduled_tokens"].mean()) if steps["scheduled_tokens"].any() else None
+    return {"running_mean": float(running.mean()), "running_max": float(running.max()),
+            "waiting_mean": float(waiting.mean()), "waiting_max": float(waiting.max()),
+            "kv_usage_mean": float(kv.mean()) if kv is not None else None,
+            "kv_usage_peak": float(kv.max()) if kv is not None else None,
+            "preemptions": preemptions, "prefix_cache_hit_rate": hit_rate, "tokens_per_step": per_step}

@@ -39,8 +39,13 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _summary(data: dict[str, Any]) -> str:
-    return "\n".join(f"{key}: {value}" for key, value in data.items())
+def _summary(data: dict[str, Any], width: int = 160) -> str:
+    """One line per value, long ones cut (the whole value is stored, for `read_results`)."""
+    lines = []
+    for key, value in data.items():
+        text = str(value)
+        lines.append(f"{key}: {text if len(text) <= width else text[:width] + ' ...'}")
+    return "\n".join(lines)
 
 
 def read_results(notebook: str | Path) -> dict[str, Any]:
@@ -61,6 +66,9 @@ def run_notebook(notebook: str | Path, parameters: dict[str, Any] | None = None,
                  out_dir: str | Path = "reports", progress_bar: bool = True) -> tuple[Path, Path]:
     """Execute `notebook` with papermill into `out_dir`, as an executed notebook and a standalone HTML page.
 
+    A notebook with an `output_dir` parameter is given `out_dir` there (unless `parameters` say otherwise), so the
+    files it writes (data, logs) land beside its report.
+
     >>> run_notebook("notebooks/00_quickstart.ipynb", {"max_tokens": 32})      # doctest: +SKIP
     (PosixPath('reports/00_quickstart.ipynb'), PosixPath('reports/00_quickstart.html'))
     """
@@ -71,7 +79,10 @@ def run_notebook(notebook: str | Path, parameters: dict[str, Any] | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     executed = out / source.name
-    papermill.execute_notebook(str(source), str(executed), parameters=parameters or {},
+    parameters = dict(parameters or {})
+    if "output_dir" in papermill.inspect_notebook(str(source)):
+        parameters.setdefault("output_dir", str(out.resolve()))
+    papermill.execute_notebook(str(source), str(executed), parameters=parameters,
                                progress_bar=progress_bar, cwd=str(source.parent))
     _drop_widget_state(executed)
     html, _ = HTMLExporter().from_filename(str(executed))
@@ -81,13 +92,21 @@ def run_notebook(notebook: str | Path, parameters: dict[str, Any] | None = None,
 
 
 def _drop_widget_state(notebook: Path) -> None:
-    """Remove the saved widget state from an executed notebook.
+    """Remove widgets from an executed notebook: their saved state, and the outputs that show a widget.
 
     A report's figures are static renders; the widget state could only draw the live widgets with a CDN at hand,
-    and each plotly widget carries its whole JavaScript bundle in it (about 5 MB apiece).
+    and each plotly widget carries its whole JavaScript bundle in it (about 5 MB apiece). A widget's output keeps
+    only its text as it was when first shown (a progress bar at 0%), which would mislead in a report.
     """
     import nbformat
 
     nb = nbformat.read(str(notebook), as_version=4)
-    if nb.metadata.pop("widgets", None) is not None:
+    changed = nb.metadata.pop("widgets", None) is not None
+    for cell in nb.cells:
+        outputs = cell.get("outputs", [])
+        kept = [o for o in outputs if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+        if len(kept) != len(outputs):
+            cell["outputs"] = kept
+            changed = True
+    if changed:
         nbformat.write(nb, str(notebook))

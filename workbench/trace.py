@@ -122,6 +122,11 @@ class Trace:
     steps: list[StepSnapshot] = field(default_factory=list)
     results: list[GenerationResult] = field(default_factory=list)
     engine_counters: dict = field(default_factory=dict)  # the engine's own totals for the run, where it has them
+    load_profile: dict = field(default_factory=dict)  # how requests were sent: rate, burstiness, max_concurrency
+
+    def __repr__(self) -> str:
+        return (f"<Trace {self.engine} {self.model}: {len(self.requests)} requests, {len(self.steps)} steps, "
+                f"{len(self.results)} results>")
 
     # ---- saving and loading (JSON lines: a header, then one line per step) -----------------------------------
     def save(self, path: str | Path) -> Path:
@@ -130,7 +135,7 @@ class Trace:
         with path.open("w", encoding="utf-8") as f:
             header = {"engine": self.engine, "model": self.model, "facts": asdict(self.facts),
                       "requests": [asdict(r) for r in self.requests], "results": [asdict(r) for r in self.results],
-                      "engine_counters": self.engine_counters}
+                      "engine_counters": self.engine_counters, "load_profile": self.load_profile}
             f.write(json.dumps(header) + "\n")
             for step in self.steps:
                 f.write(json.dumps(_step_to_json(step)) + "\n")
@@ -144,7 +149,55 @@ class Trace:
             steps = [_step_from_json(json.loads(line)) for line in f if line.strip()]
         results = [GenerationResult(**{**r, "metrics": RequestMetrics(**r["metrics"])}) for r in header["results"]]
         return cls(header["engine"], header["model"], CacheFacts(**header["facts"]),
-                   [TraceRequest(**r) for r in header["requests"]], steps, results, header["engine_counters"])
+                   [TraceRequest(**r) for r in header["requests"]], steps, results, header["engine_counters"],
+                   header.get("load_profile", {}))
+
+    def to_perfetto(self, path: str | Path) -> Path:
+        """Write the trace as Chrome trace-event JSON, which Perfetto (ui.perfetto.dev) and chrome://tracing open:
+        a track per request with a slice for each state it was in (waiting, prefill, decode, preempted), and counter
+        tracks for the engine's queue, batch, KV cache usage and tokens per step.
+
+        >>> trace.to_perfetto("run.json")      # then open it in ui.perfetto.dev      # doctest: +SKIP
+        """
+        events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name",
+                               "args": {"name": f"{self.engine} {self.model}"}}]
+        index = {q.request_id: k for k, q in enumerate(self.requests)}
+        for q, k in index.items():
+            events.append({"ph": "M", "pid": 1, "tid": k + 1, "name": "thread_name", "args": {"name": q}})
+        spans: dict[str, tuple[str, float]] = {}  # request -> (state, since when)
+
+        def close(rid: str, end: float) -> None:
+            state, since = spans.pop(rid)
+            events.append({"ph": "X", "pid": 1, "tid": index[rid] + 1, "name": state, "cat": "request",
+                           "ts": round(since * 1e6, 1), "dur": round(max(0.0, end - since) * 1e6, 1)})
+
+        for s in self.steps:
+            for r in s.requests:
+                if r.request_id not in index:
+                    continue
+                current = spans.get(r.request_id)
+                if current is not None and current[0] != r.state:
+                    close(r.request_id, s.time_s)
+                if r.state != "finished" and r.request_id not in spans:
+                    spans[r.request_id] = (r.state, s.time_s)
+            states = [r.state for r in s.requests]
+            counters = {"waiting": states.count("waiting") + states.count("preempted"),
+                        "running": states.count("prefill") + states.count("decode"),
+                        "tokens this step": sum(r.scheduled_tokens for r in s.requests)}
+            for name in ("server_running", "server_waiting"):
+                if name in s.counters:
+                    counters[name] = s.counters[name]
+            if "kv_usage" in s.counters:
+                counters["KV cache used %"] = round(100 * s.counters["kv_usage"], 2)
+            for name, value in counters.items():
+                events.append({"ph": "C", "pid": 1, "name": name, "ts": round(s.time_s * 1e6, 1),
+                               "args": {name: value}})
+        end = self.steps[-1].time_s if self.steps else 0.0
+        for rid in list(spans):
+            close(rid, end)
+        path = Path(path)
+        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}), encoding="utf-8")
+        return path
 
     # ---- DataFrames -------------------------------------------------------------------------------------------
     def steps_df(self):

@@ -54,9 +54,14 @@ def _is_number(value: object) -> bool:
 
 @dataclass
 class RequestMetrics:
-    """Timings of one request, in seconds from the moment the engine was asked to generate it.
+    """Timings of one request, in seconds from the moment it was sent: handed to an in-process engine, or written
+    to a server's socket. `queue_s` is how long it waited before that, from its scheduled arrival (a closed loop's
+    wait for a slot, a client falling behind its schedule, an in-process engine finishing its step).
 
-    `token_latencies_s[0]` is the time to first token; each later entry is the gap since the previous token.
+    `token_latencies_s[0]` is the time to first token; each later entry is the gap since the previous token (from a
+    server, since the previous chunk it streamed, as vLLM's `bench serve` counts inter-token latency).
+    `engine` holds the engine's own figures for this request where it keeps them (vLLM: ttft_s, decode_s,
+    queued_s, prefill_s, measured by vLLM itself), for checking the workbench's against.
     """
 
     prompt_tokens: int
@@ -64,6 +69,8 @@ class RequestMetrics:
     ttft_s: float
     token_latencies_s: list[float]
     total_s: float
+    queue_s: float = 0.0
+    engine: dict = field(default_factory=dict)
 
     @property
     def tpot_s(self) -> float:
@@ -72,26 +79,29 @@ class RequestMetrics:
         return sum(gaps) / len(gaps) if gaps else 0.0
 
     @classmethod
-    def from_token_times(cls, prompt_tokens: int, token_times: Sequence[float], total_s: float) -> RequestMetrics:
-        """Build from each token's arrival time, measured from the request's start."""
+    def from_token_times(cls, prompt_tokens: int, token_times: Sequence[float], total_s: float,
+                         queue_s: float = 0.0) -> RequestMetrics:
+        """Build from each token's arrival time, measured from the moment the request was sent."""
         latencies = [t - prev for prev, t in zip([0.0, *token_times[:-1]], token_times)]
         ttft = token_times[0] if token_times else total_s
-        return cls(prompt_tokens, len(token_times), ttft, latencies, total_s)
+        return cls(prompt_tokens, len(token_times), ttft, latencies, total_s, queue_s)
 
 
 @dataclass
 class GenerationResult:
     """One prompt's answer.
 
-    `finish_reason` is "stop" (end of sequence or a stop string), "length" (max_tokens reached) or "abort".
+    `finish_reason` is "stop" (end of sequence or a stop string), "length" (max_tokens reached), "abort" (stopped),
+    or "error" (a server failed it: `error` says how).
     `token_ids` holds every generated token, those of a stop string included, as vLLM does.
     """
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     text: str
     token_ids: list[int]
     finish_reason: str
     metrics: RequestMetrics
+    error: str = ""
 
     def __repr__(self) -> str:
         return f"GenerationResult(text={self.text!r}, finish_reason={self.finish_reason!r}, tokens={len(self.token_ids)})"

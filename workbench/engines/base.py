@@ -11,24 +11,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from workbench.engines.arrivals import RunClock
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
 from workbench.memory import kv_bytes_per_token, kv_shape
 from workbench.models import ResolvedModel
 from workbench.trace import CacheFacts, StepSnapshot, Trace, TraceRecorder, TraceRequest
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
-from workbench.workload import Request, as_requests
+from workbench.workload import Request, arrival_times, as_requests, with_arrivals
 
 
 @dataclass
 class RawOutput:
     """What an adapter hands back for one request: tokens, why it ended, and when each token arrived.
 
-    `token_times` are seconds since the generate call started, one per token in `token_ids`.
+    `token_times` are seconds since the run's clock started, one per token in `token_ids`.
     """
 
     token_ids: list[int]
     finish_reason: str
     token_times: list[float] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # the engine's own figures for this request, where it keeps them
 
 
 class Engine(ABC):
@@ -92,11 +94,12 @@ class Engine(ABC):
         """Free the engine's memory (called once from close)."""
 
     @abstractmethod
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
              recorder: TraceRecorder) -> list[RawOutput]:
-        """Serve every prompt, each arriving at its time (seconds after the start); `options[i]` is prompt i's, with
-        max_tokens already fitted to the context. Snapshot the engine after each step when `recorder.wanted`.
-        Token times are seconds since the start. `generate` is a run where everything arrives at once."""
+        """Serve every prompt as `clock.arrived()` releases it (its arrival time passed and, in a closed loop, a slot
+        is free), and tell `clock.done(i)` when prompt i finishes; `options[i]` is prompt i's, with max_tokens
+        already fitted to the context. Snapshot the engine after each step when `recorder.wanted`. Token times are
+        `clock.now()` readings. `generate` is a run where everything arrives at once."""
 
     @abstractmethod
     def _cache_facts(self) -> CacheFacts:
@@ -181,9 +184,9 @@ class Engine(ABC):
         token_ids = [self._encode(text, chat) for text in texts]
         per_prompt = [self._fit_to_context(ids, options) for ids in token_ids]
         with self._busy():
-            start = time.perf_counter()
-            raw = self._run(token_ids, per_prompt, [0.0] * len(texts), TraceRecorder.silent(len(texts)))
-            total = time.perf_counter() - start
+            clock = RunClock([0.0] * len(texts), self._stop_requested)
+            raw = self._run(token_ids, per_prompt, clock, TraceRecorder.silent(len(texts)))
+            total = clock.now()
         return [self._result(text, ids, out, options.stop, total) for text, ids, out in zip(texts, token_ids, raw)]
 
     def stream(
@@ -212,22 +215,28 @@ class Engine(ABC):
     def run(self, requests: Sequence[Request | str], record: bool = True,
             on_step: Callable[[StepSnapshot], None] | None = None,
             on_tokens: Callable[[int, list[int]], None] | None = None,
-            on_start: Callable[[Trace], None] | None = None) -> Trace:
-        """Serve `requests` as they arrive (each its own `arrival_s`) and return a `Trace` of every engine step.
+            on_start: Callable[[Trace], None] | None = None, *, rate: float | None = None,
+            burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0) -> Trace:
+        """Serve `requests` as they arrive and return a `Trace` of every engine step.
+
+        The load: each request arrives at its own `arrival_s`; or, with `rate` (requests per second, `inf` for all at
+        once), at gamma-distributed gaps of shape `burstiness` (1: Poisson), as vLLM's `bench serve` sends them; and
+        with `max_concurrency=N` in a closed loop, where at most N requests are in flight and the next is sent when
+        one finishes. Each result's timings count from when its request was sent, and `metrics.queue_s` is how
+        long it waited before that.
 
         `on_start` is called once with the trace before the first step (live views read its cache facts and requests
         and watch its steps fill in); `on_step` with each snapshot as soon as it is taken; `on_tokens(i, ids)` with
         request i's new token ids as they come; `record=False` keeps no snapshots. The callbacks run in the thread
-        the engine steps in. Results are in `trace.results`, in request order, timed from each request's
-        arrival; after `stop()` the unfinished ones end with finish_reason "abort".
+        the engine steps in. Results are in `trace.results`, in request order; after `stop()` the unfinished ones
+        end with finish_reason "abort".
 
         >>> from workbench.workload import make_workload
         >>> trace = engine.run(make_workload(n=8, shared_prefix_tokens=64, rate=4.0))      # doctest: +SKIP
+        >>> trace = engine.run(make_workload(n=32), max_concurrency=4)                      # doctest: +SKIP
         """
         self._check_open()
-        items = as_requests(requests)
-        if not items:
-            raise InvalidRequestError("the request list is empty: give at least one request.")
+        items, load = self._load_plan(requests, rate, burstiness, max_concurrency, seed)
         prompts, options = [], []
         for request in items:
             opts = SamplingOptions(request.max_tokens, request.temperature, request.top_p, request.top_k,
@@ -237,16 +246,34 @@ class Engine(ABC):
             options.append(self._fit_to_context(ids, opts))
         trace = Trace(self.name, self.model.name, self.cache_facts,
                       [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s))
-                       for i, (ids, opts, r) in enumerate(zip(prompts, options, items))])
+                       for i, (ids, opts, r) in enumerate(zip(prompts, options, items))], load_profile=load)
         recorder = TraceRecorder(trace, record, on_step, on_tokens)
         if on_start is not None:
             on_start(trace)
         with self._busy():
-            raw = self._run(prompts, options, [float(r.arrival_s) for r in items], recorder)
-        for request, ids, out, opts in zip(items, prompts, raw, options):
-            out.token_times = [t - request.arrival_s for t in out.token_times]
-            trace.results.append(self._result(request.prompt, ids, out, opts.stop, 0.0))
+            clock = RunClock([float(r.arrival_s) for r in items], self._stop_requested, max_concurrency)
+            raw = self._run(prompts, options, clock, recorder)
+        for request, ids, out, opts, sent in zip(items, prompts, raw, options, clock.sent):
+            sent = request.arrival_s if sent is None else sent  # never sent: stopped before it arrived
+            out.token_times = [t - sent for t in out.token_times]
+            trace.results.append(self._result(request.prompt, ids, out, opts.stop, 0.0, sent - request.arrival_s))
         return trace
+
+    @staticmethod
+    def _load_plan(requests: Sequence[Request | str], rate: float | None, burstiness: float,
+                   max_concurrency: int | None, seed: int) -> tuple[list[Request], dict]:
+        """The requests with their arrival times for this load, and the load as a trace records it."""
+        items = as_requests(requests)
+        if not items:
+            raise InvalidRequestError("the request list is empty: give at least one request.")
+        if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)
+                                            or max_concurrency < 1):
+            raise InvalidRequestError(f"max_concurrency must be an integer of at least 1 (requests in flight at "
+                                      f"once), got {max_concurrency!r}.")
+        if rate is not None:
+            items = with_arrivals(items, arrival_times(len(items), rate, burstiness, seed))
+        return items, {"rate": rate, "burstiness": burstiness if rate is not None else None,
+                       "max_concurrency": max_concurrency}
 
     def stop(self) -> None:
         """Abort what the engine is serving now (a `generate`, `run` or `stream` in another thread) at its next step.
@@ -309,8 +336,15 @@ class Engine(ABC):
                 raise InvalidRequestError(f"prompt {i} is a {type(text).__name__}, not a string.")
         return texts
 
-    def _encode(self, text: str, chat: bool, system: str | None = None) -> list[int]:
-        if chat:
+    def _encode(self, text: str | Sequence[int], chat: bool, system: str | None = None) -> list[int]:
+        if not isinstance(text, str):  # token ids, sent as they are
+            ids = list(text)
+            vocab = len(self.tokenizer)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"a prompt's token id {bad!r} is not in this model's vocabulary (0 to "
+                                          f"{vocab - 1}).")
+        elif chat:
             if not self.tokenizer.chat_template:
                 raise InvalidRequestError(f"model {self.model.name!r} has no chat template: pass chat=False.")
             messages = [{"role": "system", "content": system}] if system else []
@@ -335,15 +369,16 @@ class Engine(ABC):
             return options
         return replace(options, max_tokens=room)
 
-    def _result(self, prompt: str, prompt_ids: list[int], out: RawOutput, stop: tuple[str, ...],
-                total: float) -> GenerationResult:
+    def _result(self, prompt: str | Sequence[int], prompt_ids: list[int], out: RawOutput, stop: tuple[str, ...],
+                total: float, queue_s: float = 0.0) -> GenerationResult:
         text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        cut = _first_stop(text, stop)
+        cut = first_stop(text, stop)
         finish = out.finish_reason
         if cut is not None:
             text, finish = text[:cut], "stop"
         end = out.token_times[-1] if out.token_times else total
-        metrics = RequestMetrics.from_token_times(len(prompt_ids), out.token_times, end)
+        metrics = RequestMetrics.from_token_times(len(prompt_ids), out.token_times, end, queue_s)
+        metrics.engine = out.engine
         return GenerationResult(prompt, text, list(out.token_ids), finish, metrics)
 
     def _stream_text(self, ids: list[int], options: SamplingOptions) -> Iterator[str]:
@@ -376,7 +411,7 @@ def final_pieces(texts: Iterable[str], stop: tuple[str, ...], stopped: Callable[
     for text in texts:
         if stopped():
             return
-        cut = _first_stop(text, stop)
+        cut = first_stop(text, stop)
         if cut is not None:
             if cut > sent:
                 yield text[sent:cut]
@@ -391,7 +426,8 @@ def final_pieces(texts: Iterable[str], stop: tuple[str, ...], stopped: Callable[
         yield text[sent:]
 
 
-def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+def first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the first of the stop strings begins in `text`, or None: an answer is cut there."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return min(hits) if hits else None
 

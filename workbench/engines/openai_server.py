@@ -1,33 +1,41 @@
-"""Any OpenAI-compatible server (vLLM, SGLang, trtllm-serve, llama.cpp's server, TGI's /v1), over HTTP.
+"""Any OpenAI-compatible server (vLLM, SGLang, trtllm-serve, llama.cpp's server, TGI's /v1), over HTTP, one or several
+replicas of it.
 
-Requests stream through the `openai` client. During `run`, a thread polls the server's Prometheus `/metrics` and
-turns what it reports (requests running and waiting, KV cache usage, tokens generated, its process memory) into the
-steps of a Trace, so the batching, memory and throughput views work against a server on another machine.
+Every request streams from one asyncio event loop in its own thread (`http_streams`): a request is stamped when its
+body has been written to the socket and each chunk of its answer when its bytes are read, so its time to first
+token, inter-token latency and end-to-end latency are what vLLM's `bench serve` would read. During `run`, a thread
+polls each server's Prometheus `/metrics` and turns what it reports (requests running and waiting, KV cache usage,
+tokens generated, its process memory) into the steps of a Trace, and the run's growth of the server's own latency
+histograms into `trace.engine_counters`.
 
 A server serves text: results carry the server's token counts (`usage`) and no token ids, and the request states in
-a trace are seen from the client (waiting until the first token arrives), beside the server's own counts.
+a trace are seen from the client (waiting until the first chunk arrives), beside the server's own counts.
 The API key is read from an environment variable when needed and kept nowhere else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, _first_stop, final_pieces
+from workbench.engines.base import Engine, final_pieces, first_stop
+from workbench.engines.http_streams import Stamps, StreamClient, server_sent_events
 from workbench.engines.server_metrics import MetricsPoller, ServerSample, read_metrics
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
 from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot, Trace,
                              TraceRecorder, TraceRequest)
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
-from workbench.workload import Request, as_requests
+from workbench.workload import Request
 
 
 @dataclass(frozen=True)
@@ -40,21 +48,36 @@ class ServedModel:
 
 
 @dataclass
+class Replica:
+    """One server of the model: the URL of its API, that of its /metrics, and whether it answered in this run."""
+
+    url: str
+    metrics_url: str
+    up: bool = True
+
+
+@dataclass
 class _Reply:
+    """One request's answer as it streams in; times are `time.perf_counter()` readings."""
+
     text: str = ""
-    chunk_times: list[float] | None = None
+    sent: float | None = None  # when its body had been written to the socket
+    chunk_times: list[float] = field(default_factory=list)  # when each chunk carrying output arrived
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"
+    finish_reason: str | None = None  # None until the stream ends: a request that never ran was aborted
     token_ids: list[int] = field(default_factory=list)  # where the server sends them (TGI's native stream)
+    error: WorkbenchError | None = None
+    replica: int = 0
 
 
 class OpenAIEngine(Engine):
-    """A model served by an OpenAI-compatible server.
+    """A model served by an OpenAI-compatible server, or by several replicas of it (requests go round robin).
 
     >>> engine = wb.load("openai", url="http://127.0.0.1:8000/v1", model="smollm2-135m")      # doctest: +SKIP
     >>> engine.generate("What is the capital of France?", temperature=0)[0].text                # doctest: +SKIP
     'The capital of France is Paris.'
+    >>> wb.load("openai", url=["http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1"])        # doctest: +SKIP
     """
 
     name = "openai"
@@ -63,58 +86,102 @@ class OpenAIEngine(Engine):
     extra_options = ("url", "api_key_env", "timeout_s", "metrics_url", "poll_s")
 
     def __init__(self, model: str | None = None, dtype: str = "float32", max_model_len: int | None = None,
-                 url: str = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60.0,
-                 metrics_url: str | None = None, poll_s: float = 0.1, **unknown: Any) -> None:
+                 url: str | Sequence[str] = "http://127.0.0.1:8000/v1", api_key_env: str = "OPENAI_API_KEY",
+                 timeout_s: float = 60.0, metrics_url: str | Sequence[str] | None = None, poll_s: float = 0.1,
+                 **unknown: Any) -> None:
         if unknown:
             accepted = ", ".join(("model", "dtype", "max_model_len", *self.extra_options))
             raise UnsupportedOptionError(f"engine {self.name!r} has no option {', '.join(sorted(unknown))}; "
                                          f"it accepts {accepted}.")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"url must start with http:// or https://, got {url!r}.")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise InvalidRequestError("url is an empty list: give the URL of at least one server.")
+        for u in urls:
+            if not isinstance(u, str) or not u.startswith(("http://", "https://")):
+                raise InvalidRequestError(f"url must start with http:// or https://, got {u!r}.")
+        metrics = [metrics_url] if isinstance(metrics_url, str) or metrics_url is None else list(metrics_url)
+        if metrics_url is not None and len(metrics) != len(urls):
+            raise InvalidRequestError(f"metrics_url names {len(metrics)} URLs for {len(urls)} servers: give one "
+                                      f"per server, or none.")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise InvalidRequestError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}.")
-        self.url = url.rstrip("/")
+        urls = [self._api_url(u.rstrip("/")) for u in urls]
+        self.replicas = [Replica(u, m or f"{self._root(u)}/metrics")
+                         for u, m in zip(urls, metrics * len(urls) if metrics_url is None else metrics)]
+        self.url = urls[0]
+        self.metrics_url = self.replicas[0].metrics_url
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
-        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
-        self.metrics_url = metrics_url or f"{root}/metrics"
         self.poll_s = poll_s
         self.dtype = dtype
-        self.options = {"url": self.url, "timeout_s": self.timeout_s}  # never the key
+        self.options = {"url": urls if len(urls) > 1 else urls[0], "timeout_s": self.timeout_s}  # never the key
         self.tokenizer = None  # the server tokenizes; the base class's tokenizer and config are not loaded here
         self._requested_model = model
         self._requested_len = max_model_len
+        self._tasks: list[asyncio.Task] = []
+        self._next_replica = 0
         self._open()
 
-    # ---- connecting ------------------------------------------------------------------------------------------
-    def _client(self, timeout_s: float | None = None):
-        import openai
+    @staticmethod
+    def _api_url(url: str) -> str:
+        """The URL requests are sent under (the OpenAI API's root, ending in /v1)."""
+        return url
 
-        key = os.environ.get(self.api_key_env) or "none"  # servers without a key accept any
-        return openai.OpenAI(base_url=self.url, api_key=key, timeout=timeout_s or self.timeout_s, max_retries=0)
+    @staticmethod
+    def _root(url: str) -> str:
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    def _openai_root(self, replica: Replica) -> str:
+        """Where the replica's OpenAI API lives (its chat and completions endpoints are below it)."""
+        return replica.url
+
+    # ---- connecting ------------------------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.api_key_env)
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _load(self) -> None:
-        name, server_len = self._connect()
+        self._http = StreamClient(self.timeout_s)
+        try:
+            served = [self._connect(replica) for replica in self.replicas]
+        except BaseException:
+            self._http.close()
+            raise
+        names = sorted({name for name, _ in served})
+        if len(names) > 1:
+            raise InvalidRequestError(f"the servers serve different models ({', '.join(names)}): replicas must "
+                                      f"serve the same one.")
+        name, server_len = served[0]
         self.model = ServedModel(name, _local_folder(name), server_len)
         self.config = _local_config(self.model.path)
         # what the server says, else what the model's config allows (the server may have been started with less)
         self.max_model_len = (self._requested_len or server_len
                               or getattr(self.config, "max_position_embeddings", None) or 0)
         self.server_kind = "unknown"
-        try:
-            first = read_metrics(self.metrics_url, timeout_s=min(self.timeout_s, 10))
-            self.server_kind = first.kind
-            self._cache = (first.block_size, first.num_blocks)
-        except WorkbenchError:
-            self._cache = (0, 0)  # no /metrics: traces keep the client's view only
+        self._cache = []
+        for replica in self.replicas:
+            try:
+                first = read_metrics(replica.metrics_url, timeout_s=min(self.timeout_s, 10))
+                self.server_kind = first.kind if self.server_kind == "unknown" else self.server_kind
+                self._cache.append((first.block_size, first.num_blocks))
+            except WorkbenchError:
+                self._cache.append((0, 0))  # no /metrics: traces keep the client's view only
 
-    def _connect(self) -> tuple[str, int | None]:
-        """Check the server answers and serves the model: (its name for the model, its context length if known)."""
+    def _get_json(self, url: str, doing: str) -> Any:
+        async def get():
+            response = await self._http.http.get(url, headers=self._headers())
+            response.raise_for_status()
+            return response.json()
+
         try:
-            served = list(self._client().models.list())
+            return self._http.call(get())
         except Exception as exc:  # noqa: BLE001 - every failure becomes one short message
-            raise self._explain(exc, "listing the served models") from None
-        names = [m.id for m in served]
+            raise self._explain(exc, doing, url=url) from None
+
+    def _connect(self, replica: Replica) -> tuple[str, int | None]:
+        """Check the server answers and serves the model: (its name for the model, its context length if known)."""
+        served = self._get_json(f"{replica.url}/models", "listing the served models").get("data") or []
+        names = [m.get("id") for m in served]
         wanted = self._requested_model or (names[0] if len(names) == 1 else None)
         if wanted is None:
             listed = f"serves several models ({', '.join(names)})" if names else "lists no models"
@@ -122,46 +189,47 @@ class OpenAIEngine(Engine):
         if not names:  # servers that load models on demand (`transformers serve`) may list none
             return wanted, None
         if wanted not in names:
-            raise InvalidRequestError(f"the server at {self.url} does not serve model {wanted!r}; "
+            raise InvalidRequestError(f"the server at {replica.url} does not serve model {wanted!r}; "
                                       f"it serves: {', '.join(names) or 'nothing'}.")
-        entry = next(m for m in served if m.id == wanted)
-        return wanted, getattr(entry, "max_model_len", None) or (entry.model_extra or {}).get("max_model_len")
+        return wanted, next(m for m in served if m.get("id") == wanted).get("max_model_len")
 
-    def _explain(self, exc: BaseException, doing: str, midstream: bool = False) -> WorkbenchError:
-        """One short message for what went wrong talking to the server."""
+    def _explain(self, exc: BaseException, doing: str, midstream: bool = False, url: str | None = None
+                 ) -> WorkbenchError:
+        """One short message for what went wrong talking to the server at `url`."""
         import httpx
-        import openai
 
+        url = url or self.url
         if isinstance(exc, WorkbenchError):
             return exc
-        status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
-        if status == 401 or isinstance(exc, openai.AuthenticationError):
-            return WorkbenchError(f"the server at {self.url} refused the API key (401) while {doing}: put the key in "
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status == 401:
+            return WorkbenchError(f"the server at {url} refused the API key (401) while {doing}: put the key in "
                                   f"the environment variable {self.api_key_env} (or name another with api_key_env=).")
         if status == 404:
             detail = _server_message(exc)
             if "model" in detail.lower():
                 return InvalidRequestError(f"the server does not serve that model: {detail}")
-            return WorkbenchError(f"no {self.api_name} at {self.url} (404 while {doing}): check the URL"
+            return WorkbenchError(f"no {self.api_name} at {url} (404 while {doing}): check the URL"
                                   f"{'; it usually ends in /v1' if self.api_name.startswith('OpenAI') else ''}.")
-        if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException)):
-            return WorkbenchError(f"the server at {self.url} did not answer within {self.timeout_s:g} s while {doing}"
+        if isinstance(exc, httpx.TimeoutException):
+            return WorkbenchError(f"the server at {url} did not answer within {self.timeout_s:g} s while {doing}"
                                   f": raise timeout_s= or ask for fewer tokens.")
-        if midstream and isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
-            return WorkbenchError(f"the server at {self.url} cut the stream off while {doing} ({_root_cause(exc)}): "
+        if midstream and isinstance(exc, httpx.TransportError):
+            return WorkbenchError(f"the server at {url} cut the stream off while {doing} ({_root_cause(exc)}): "
                                   f"the answer is incomplete; check the server.")
-        if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
-            return WorkbenchError(f"cannot reach a server at {self.url} while {doing}: is it running, and is the "
+        if isinstance(exc, httpx.TransportError):
+            return WorkbenchError(f"cannot reach a server at {url} while {doing}: is it running, and is the "
                                   f"URL right? ({_root_cause(exc)})")
         if status is not None:
             return InvalidRequestError(f"the server refused the request ({status}) while {doing}: "
                                        f"{_server_message(exc)}")
-        return WorkbenchError(f"talking to {self.url} failed while {doing}: {_root_cause(exc)}")
+        return WorkbenchError(f"talking to {url} failed while {doing}: {_root_cause(exc)}")
 
     # ---- facts -----------------------------------------------------------------------------------------------
     def _info(self) -> EngineInfo:
         params = _count_parameters(self.model.path)
-        return EngineInfo(self.name, f"{self.server_kind} server", self.url, self.dtype, self.model.name,
+        device = ", ".join(r.url for r in self.replicas)
+        return EngineInfo(self.name, f"{self.server_kind} server", device, self.dtype, self.model.name,
                           str(self.model.path or ""), params, params * bytes_per_element(self.dtype),
                           self.max_model_len, dict(self.options))
 
@@ -169,7 +237,9 @@ class OpenAIEngine(Engine):
         return super()._kv_bytes_per_token() if self.config is not None else 0
 
     def _cache_facts(self) -> CacheFacts:
-        block_size, num_blocks = self._cache
+        """The servers' KV caches laid end to end: one block map holds every replica's pool."""
+        block_size = next((size for size, _ in self._cache if size), 0)
+        num_blocks = sum(blocks for _, blocks in self._cache)
         per_token = self._kv_bytes_per_token()
         layers, kv_heads, head_dim = self._kv_shape()[:3] if self.config is not None else (0, 0, 0)
         return CacheFacts(True, block_size or 1, num_blocks, per_token * (block_size or 1), layers, kv_heads,
@@ -180,95 +250,244 @@ class OpenAIEngine(Engine):
                              "(its /metrics reports the cache's usage; see a run's trace).")
 
     def _release(self) -> None:
-        pass  # the server keeps running: it is not ours to stop
+        self._http.close()  # the server keeps running: it is not ours to stop
 
     def _stream(self, prompt, options):  # pragma: no cover - the public methods below serve text
         raise NotImplementedError
 
-    def _run(self, prompts, options, arrivals, recorder):  # pragma: no cover
+    def _run(self, prompts, options, clock, recorder):  # pragma: no cover
         raise NotImplementedError
 
-    # ---- serving ---------------------------------------------------------------------------------------------
-    def _request(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None = None,
-                 timeout_s: float | None = None):
-        """Open a streaming request; the returned stream yields the server's chunks."""
-        kwargs = self._request_options(options)
-        client = self._client(timeout_s)
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
-                                                                                       "content": prompt}]
-            return client.chat.completions.create(messages=messages, **kwargs)
-        return client.completions.create(prompt=(system + "\n" if system else "") + prompt, **kwargs)
-
+    # ---- one request -----------------------------------------------------------------------------------------
     def _check_options(self, options: SamplingOptions, chat: bool) -> None:
         """Refuse, before anything is sent, what this server cannot do (a plain OpenAI server takes everything)."""
 
     def _request_options(self, options: SamplingOptions) -> dict[str, Any]:
         """The request's fields besides the prompt, as the OpenAI API names them."""
-        kwargs: dict[str, Any] = {"model": self.model.name, "stream": True, "max_tokens": options.max_tokens,
-                                  "temperature": options.temperature, "top_p": options.top_p,
-                                  "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {"model": self.model.name, "stream": True, "max_tokens": options.max_tokens,
+                                "temperature": options.temperature, "top_p": options.top_p,
+                                "stream_options": {"include_usage": True}}
         if options.seed is not None:
-            kwargs["seed"] = options.seed
+            body["seed"] = options.seed
         if options.stop:
-            kwargs["stop"] = list(options.stop)
-        extra = {}  # vLLM's and SGLang's extensions, sent only when asked for (plain OpenAI refuses them)
+            body["stop"] = list(options.stop)
+        # vLLM's and SGLang's extensions, sent only when asked for (plain OpenAI refuses them)
         if options.top_k:
-            extra["top_k"] = options.top_k
+            body["top_k"] = options.top_k
         if options.ignore_eos:
-            extra["ignore_eos"] = True
-        if extra:
-            kwargs["extra_body"] = extra
-        return kwargs
+            body["ignore_eos"] = True
+        return body
 
-    def _pieces(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None, reply: _Reply,
-                start: float) -> Iterator[str]:
-        """Stream one request: yield text pieces, fill `reply` with timings, counts and the finish reason."""
-        reply.chunk_times = []
-        try:
-            for piece in self._chunks(prompt, options, chat, system, reply):
-                if piece:
-                    reply.chunk_times.append(time.perf_counter() - start)
-                    reply.text += piece
+    async def _chunks(self, replica: Replica, prompt: str | Sequence[int], options: SamplingOptions, chat: bool,
+                      system: str | None, reply: _Reply) -> AsyncIterator[str]:
+        """The server's stream for one request as text pieces, each with its arrival in `reply.chunk_times`;
+        counts and the finish reason go into `reply`."""
+        body = self._request_options(options)
+        if chat:
+            messages = [{"role": "system", "content": system}] if system else []
+            body["messages"] = [*messages, {"role": "user", "content": prompt}]
+            path = "/chat/completions"
+        else:
+            body["prompt"] = list(prompt) if not isinstance(prompt, str) else (system + "\n" if system else "") + prompt
+            path = "/completions"
+        stamps = Stamps()
+        url = self._openai_root(replica) + path
+        async for now, data in server_sent_events(self._http.http, url, body, self._headers(), stamps):
+            reply.sent = stamps.sent
+            event = json.loads(data)
+            if "error" in event:
+                raise InvalidRequestError(f"the server stopped the request: {_message_of(event['error'])}")
+            usage = event.get("usage")
+            if usage:
+                reply.prompt_tokens = usage.get("prompt_tokens") or reply.prompt_tokens
+                reply.completion_tokens = usage.get("completion_tokens") or reply.completion_tokens
+            for choice in event.get("choices") or ():
+                piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                if piece:  # a chunk of output; the role-only first chunk and a bare finish chunk carry none
+                    reply.chunk_times.append(now)
                     yield piece
-                if self.stopping:
-                    reply.finish_reason = "abort"
-                    return
-        except WorkbenchError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one short message
-            doing = f"streaming an answer ({len(reply.chunk_times)} pieces received)" if reply.chunk_times else \
-                "sending a request"
-            raise self._explain(exc, doing, midstream=bool(reply.chunk_times)) from None
+                if choice.get("finish_reason"):
+                    reply.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
 
-    def _chunks(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None,
-                reply: _Reply) -> Iterator[str]:
-        """The server's stream for one request as text pieces; counts and the finish reason go into `reply`.
-        Closing it closes the connection, which makes the server abort the request."""
-        stream = self._request(prompt, options, chat, system)
+    async def _send(self, i: int, request: Request, options: SamplingOptions, reply: _Reply, scheduled: float,
+                    slots: asyncio.Semaphore | None, watcher: _ClientView | None,
+                    on_text: Callable[[str], None] | None = None) -> None:
+        """Send request `i` at its scheduled time (a `perf_counter` reading), once a slot is free in a closed loop,
+        to the next replica that is up; stream its answer into `reply`. Failures are kept in `reply.error`."""
+        replica = None
         try:
-            for chunk in stream:
-                if chunk.usage is not None:
-                    reply.prompt_tokens = chunk.usage.prompt_tokens
-                    reply.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    yield choice.delta.content if chat else choice.text
-                    if choice.finish_reason:
-                        reply.finish_reason = "length" if choice.finish_reason == "length" else "stop"
-        finally:
-            stream.close()
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            async with slots or contextlib.nullcontext():
+                if self.stopping:  # stop() came before this request's task could be cancelled
+                    raise asyncio.CancelledError
+                replica = self._pick_replica(reply)
+                if watcher is not None:
+                    watcher.sent(i)
+                try:
+                    async for piece in self._chunks(replica, request.prompt, options, request.chat, request.system,
+                                                    reply):
+                        reply.text += piece
+                        if on_text is not None:
+                            on_text(reply.text)
+                finally:
+                    if watcher is not None:
+                        watcher.done(i)
+            reply.finish_reason = reply.finish_reason or "stop"
+        except asyncio.CancelledError:
+            reply.finish_reason = "abort"
+        except Exception as exc:  # noqa: BLE001 - kept, and told once the run is over
+            import httpx
 
-    def _finish(self, prompt: str, reply: _Reply, stop: tuple[str, ...], total: float) -> GenerationResult:
-        text, finish = reply.text, reply.finish_reason
-        cut = _first_stop(text, stop)
-        if cut is not None:
+            doing = (f"streaming an answer ({len(reply.chunk_times)} pieces received)" if reply.chunk_times
+                     else "sending a request")
+            reply.error = self._explain(exc, doing, midstream=bool(reply.chunk_times),
+                                        url=replica.url if replica else None)
+            reply.finish_reason = "error"
+            if replica is not None and isinstance(exc, httpx.TransportError):
+                replica.up = False  # the rest of this run goes to the other replicas
+            if isinstance(reply.error, InvalidRequestError) or not any(r.up for r in self.replicas):
+                self._cancel_all()  # the request itself was refused, or no server is left: end the run
+
+    def _check_replicas(self) -> None:
+        """Ask each replica that stopped answering in an earlier run whether it is back; fail when none is up."""
+        failure = None
+        for replica in self.replicas:
+            if not replica.up:
+                try:
+                    self._connect(replica)
+                    replica.up = True
+                except WorkbenchError as exc:
+                    failure = exc
+        if not any(r.up for r in self.replicas):
+            raise failure
+
+    def _pick_replica(self, reply: _Reply) -> Replica:
+        """The next replica that is up, round robin."""
+        for _ in range(len(self.replicas)):
+            k = self._next_replica % len(self.replicas)
+            self._next_replica += 1
+            if self.replicas[k].up:
+                reply.replica = k
+                return self.replicas[k]
+        raise WorkbenchError(f"no server is left to send to: {', '.join(r.url for r in self.replicas)} stopped "
+                             f"answering during this run.")
+
+    def _cancel_all(self) -> None:
+        """Abort every request of the current run (in the client's loop): their connections close, and the server
+        aborts them."""
+        for task in self._tasks:
+            task.cancel()
+
+    # ---- serving ---------------------------------------------------------------------------------------------
+    def _serve(self, items: list[Request], options: list[SamplingOptions], recorder: TraceRecorder,
+               max_concurrency: int | None, watch: bool) -> tuple[list[_Reply], float, MetricsPoller | None]:
+        """Send every request on its schedule from the client's loop and wait for all; polls /metrics meanwhile
+        when `watch`. Returns the replies, the run's start (a perf_counter reading) and the poller."""
+        replies = [_Reply() for _ in items]
+        self._check_replicas()
+        poller = MetricsPoller([r.metrics_url for r in self.replicas], self.poll_s) if watch else None
+        if poller is not None:
+            poller.start()  # before anything is sent: the counters' starting point
+        start = time.perf_counter()
+        watcher = _ClientView(recorder, replies, start, self._cache) if recorder.wanted else None
+        if poller is not None and watcher is not None:
+            poller.watch(watcher.step)
+
+        async def serve_all() -> None:
+            slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+            self._tasks = [asyncio.create_task(self._send(i, r, o, reply, start + r.arrival_s, slots, watcher))
+                           for i, (r, o, reply) in enumerate(zip(items, options, replies))]
+            await asyncio.wait(self._tasks)
+
+        try:
+            self._wait(self._http.submit(serve_all()))
+        finally:
+            self._tasks = []
+            if poller is not None:
+                poller.stop()
+                if watcher is not None:
+                    watcher.step(poller.last)  # the state after the last answer
+        return replies, start, poller
+
+    def _wait(self, future) -> None:
+        """Wait for the client's loop; an interrupt (Ctrl-C, a notebook's stop button) aborts the requests first."""
+        try:
+            future.result()
+        except BaseException:
+            self._http.loop.call_soon_threadsafe(self._cancel_all)
+            with contextlib.suppress(BaseException):
+                future.result(timeout=30)
+            raise
+
+    def stop(self) -> None:
+        """Abort what the engine is serving now: open streams are closed (the server aborts those requests) and
+        requests not sent yet are not sent. Their results end with finish_reason "abort"."""
+        super().stop()
+        if not self._closed:
+            self._http.loop.call_soon_threadsafe(self._cancel_all)
+
+    def run(self, requests: Sequence[Request | str], record: bool = True,
+            on_step: Callable[[StepSnapshot], None] | None = None,
+            on_tokens: Callable[[int, list[int]], None] | None = None,
+            on_start: Callable[[Trace], None] | None = None, *, rate: float | None = None,
+            burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0) -> Trace:
+        """Send `requests` under the load asked for (see `Engine.run`), each streaming on its own connection, while a
+        thread polls the servers' /metrics into the trace's steps. `on_tokens` is not called: a server sends text.
+
+        A request a server fails (it went down, cut the stream, timed out) ends with finish_reason "error" and its
+        `error`; the others are served on, by the replicas still up, and a warning says what failed. A request the
+        server refuses (400: bad input) ends the run with that error; so does a run where nothing was answered.
+        """
+        self._check_open()
+        items, load = self._load_plan(requests, rate, burstiness, max_concurrency, seed)
+        options = [SamplingOptions(r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed, r.stop, r.ignore_eos)
+                   for r in items]
+        for request, option in zip(items, options):
+            self._check_options(option, request.chat)
+        trace = Trace(self.name, self.model.name, self.cache_facts,
+                      [TraceRequest(f"r{i}", 0, o.max_tokens, float(r.arrival_s))
+                       for i, (r, o) in enumerate(zip(items, options))], load_profile=load)
+        recorder = TraceRecorder(trace, record, on_step)
+        if on_start is not None:
+            on_start(trace)
+        with self._busy():
+            replies, start, poller = self._serve(items, options, recorder, max_concurrency, watch=True)
+        self._raise_if_failed(replies, every=False)
+        for i, (request, reply) in enumerate(zip(items, replies)):
+            trace.results.append(self._finish(request.prompt, reply, options[i].stop, start + request.arrival_s))
+            trace.requests[i] = replace(trace.requests[i], prompt_tokens=reply.prompt_tokens)
+        trace.engine_counters = poller.totals_since_start()
+        return trace
+
+    def _raise_if_failed(self, replies: list[_Reply], every: bool) -> None:
+        """Raise a run's failure: any (`every=False`: when the servers answered nothing, or refused a request) and
+        warn of the rest."""
+        failed = [r for r in replies if r.error is not None]
+        if not failed:
+            return
+        refused = next((r.error for r in failed if isinstance(r.error, InvalidRequestError)), None)
+        if refused is not None:
+            raise refused
+        if every or len(failed) == len(replies) or not any(r.chunk_times for r in replies):
+            raise failed[0].error
+        down = [r.url for r in self.replicas if not r.up]
+        where = f"; {', '.join(down)} stopped answering and the rest went to the others" if down else ""
+        warnings.warn(f"{len(failed)} of {len(replies)} requests failed{where}: {failed[0].error}", stacklevel=3)
+
+    def _finish(self, prompt: str | Sequence[int], reply: _Reply, stop: tuple[str, ...],
+                scheduled: float) -> GenerationResult:
+        text, finish = reply.text, reply.finish_reason or "abort"
+        cut = first_stop(text, stop)
+        if cut is not None and finish != "error":
             text, finish = text[:cut], "stop"
-        times = reply.chunk_times or []
+        sent = reply.sent if reply.sent is not None else scheduled
+        times = [t - sent for t in reply.chunk_times]
         latencies = [t - prev for prev, t in zip([0.0, *times[:-1]], times)]
-        generated = reply.completion_tokens or len(times)
-        metrics = RequestMetrics(reply.prompt_tokens, generated, times[0] if times else total, latencies,
-                                 times[-1] if times else total)
-        return GenerationResult(prompt, text, list(reply.token_ids), finish, metrics)
+        metrics = RequestMetrics(reply.prompt_tokens, reply.completion_tokens or len(times),
+                                 times[0] if times else 0.0, latencies, times[-1] if times else 0.0,
+                                 max(0.0, sent - scheduled))
+        return GenerationResult(prompt, text, list(reply.token_ids), finish, metrics,
+                                str(reply.error) if reply.error else "")
 
     def generate(self, prompts: str | Sequence[str], max_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -277,9 +496,14 @@ class OpenAIEngine(Engine):
         self._check_open()
         texts = self._check_prompts(prompts)
         options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
-        trace = self.run([Request(t, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                  stop=options.stop, chat=chat) for t in texts], record=False)
-        return trace.results
+        self._check_options(options, chat)
+        items = [Request(t, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                         stop=options.stop, chat=chat) for t in texts]
+        with self._busy():
+            replies, start, _ = self._serve(items, [options] * len(items), TraceRecorder.silent(len(items)), None,
+                                            watch=False)
+        self._raise_if_failed(replies, every=True)
+        return [self._finish(t, reply, options.stop, start) for t, reply in zip(texts, replies)]
 
     def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
@@ -289,92 +513,43 @@ class OpenAIEngine(Engine):
         (text,) = self._check_prompts([prompt])
         options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
         self._check_options(options, chat)
-        return self._stream_pieces(text, options, chat)
+        return self._stream_pieces(Request(text, max_tokens, chat=chat), options)
 
-    def _stream_pieces(self, text: str, options: SamplingOptions, chat: bool) -> Iterator[str]:
+    def _stream_pieces(self, request: Request, options: SamplingOptions) -> Iterator[str]:
+        texts: queue.Queue = queue.Queue()
         reply = _Reply()
-        pieces = self._pieces(text, options, chat, None, reply, time.perf_counter())
-        try:
-            with self._busy():
-                yield from final_pieces((reply.text for _ in pieces), options.stop, lambda: self.stopping)
-        finally:
-            pieces.close()  # closes the connection when the stream ended early: the server aborts the request
 
-    def run(self, requests: Sequence[Request | str], record: bool = True,
-            on_step: Callable[[StepSnapshot], None] | None = None,
-            on_tokens: Callable[[int, list[int]], None] | None = None,
-            on_start: Callable[[Trace], None] | None = None) -> Trace:
-        """Send `requests` as they arrive, each streaming on its own connection, while a thread polls the server's
-        /metrics into the trace's steps. `on_tokens` is not called: a server sends text, not token ids."""
-        self._check_open()
-        items = as_requests(requests)
-        if not items:
-            raise InvalidRequestError("the request list is empty: give at least one request.")
-        options = [SamplingOptions(r.max_tokens, r.temperature, r.top_p, r.top_k, r.seed, r.stop, r.ignore_eos)
-                   for r in items]
-        for request, option in zip(items, options):
-            self._check_options(option, request.chat)
-        trace = Trace(self.name, self.model.name, self.cache_facts,
-                      [TraceRequest(f"r{i}", 0, o.max_tokens, float(r.arrival_s))
-                       for i, (r, o) in enumerate(zip(items, options))])
-        recorder = TraceRecorder(trace, record, on_step)
-        replies = [_Reply() for _ in items]
-        if on_start is not None:
-            on_start(trace)
-        with self._busy():
-            clock = RunClock([float(r.arrival_s) for r in items], self._stop_requested)
-            watcher = _ClientView(recorder, replies, clock) if recorder.wanted else None
-            poller = MetricsPoller(self.metrics_url, self.poll_s, watcher.step) if watcher else None
-            failures: list[BaseException] = []
+        self._check_replicas()
 
-            def serve(i: int) -> None:
-                request = items[i]
-                wait = request.arrival_s - clock.now()
-                if wait > 0 and self._stop_requested.wait(wait):
-                    replies[i].finish_reason = "abort"
-                    return
-                if watcher is not None:
-                    watcher.sent(i)
-                try:
-                    start = clock.start + request.arrival_s
-                    for _ in self._pieces(request.prompt, options[i], request.chat, request.system, replies[i], start):
-                        pass
-                except WorkbenchError as exc:
-                    failures.append(exc)
-                    self._stop_requested.set()  # one failed request ends the run: report it, keep the engine
-                finally:
-                    if watcher is not None:
-                        watcher.done(i)
-
-            if poller is not None:
-                poller.start()
+        async def one() -> None:
             try:
-                with ThreadPoolExecutor(max_workers=min(64, len(items)), thread_name_prefix="workbench-openai") as pool:
-                    list(pool.map(serve, range(len(items))))
+                await self._send(0, request, options, reply, time.perf_counter(), None, None, texts.put)
             finally:
-                if poller is not None:
-                    poller.stop()
-                    watcher.step(poller.last)  # the state after the last answer
-        if failures:
-            raise failures[0]
-        for i, (request, reply) in enumerate(zip(items, replies)):
-            trace.results.append(self._finish(request.prompt, reply, options[i].stop, 0.0))
-            trace.requests[i] = replace(trace.requests[i], prompt_tokens=reply.prompt_tokens)
-        if poller is not None:
-            trace.engine_counters = poller.totals_since_start()
-        return trace
+                texts.put(None)
+
+        with self._busy():
+            future = self._http.submit(one())
+            try:
+                yield from final_pieces(iter(texts.get, None), options.stop, lambda: self.stopping)
+                future.result()
+                if reply.error is not None:
+                    raise reply.error
+            finally:
+                future.cancel()  # closes the connection when the stream ended early: the server aborts the request
 
 
 class _ClientView:
-    """Each poll of /metrics becomes one step: the requests as the client sees them, beside the server's counts."""
+    """Each poll of the servers' /metrics becomes one step: the requests as the client sees them, beside the servers'
+    counts (summed over replicas; with several, each replica's under "replica{k}:")."""
 
-    def __init__(self, recorder: TraceRecorder, replies: list[_Reply], clock: RunClock) -> None:
-        self.recorder, self.replies, self.clock = recorder, replies, clock
+    def __init__(self, recorder: TraceRecorder, replies: list[_Reply], start: float,
+                 pools: list[tuple[int, int]]) -> None:
+        self.recorder, self.replies, self.start, self.pools = recorder, replies, start, pools
         self.in_flight: set[int] = set()
         self.finished: set[int] = set()
         self.peak_rss = 0
         self.step_index = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the client's loop changes the sets while the poller's thread reads them
 
     def sent(self, i: int) -> None:
         with self.lock:
@@ -385,22 +560,43 @@ class _ClientView:
             self.in_flight.discard(i)
             self.finished.add(i)
 
-    def step(self, sample: ServerSample | None) -> None:
+    def step(self, samples: list[ServerSample | None]) -> None:
         facts = self.recorder.trace.facts
         with self.lock:
-            snaps = self.recorder.seen_from_client(self.in_flight | self.finished, self.finished,
-                                                   lambda i: len(self.replies[i].chunk_times or []))
-        counters, blocks, memory = {}, "", MemorySnapshot(facts.weight_bytes, 0, 0, 0, 0)
-        if sample is not None:
-            counters = sample.counters()
-            used = round(sample.kv_usage * facts.num_blocks)
-            blocks = BLOCK_USED * used + BLOCK_FREE * (facts.num_blocks - used)
+            finished = set(self.finished)
+            sent = self.in_flight | finished
+        snaps = self.recorder.seen_from_client(sent, finished, lambda i: len(self.replies[i].chunk_times))
+        counters, blocks, memory = _merge(samples, self.pools), "", MemorySnapshot(facts.weight_bytes, 0, 0, 0, 0)
+        if any(s is not None for s in samples):
+            used = [round(s.kv_usage * n) if s is not None else 0 for s, (_, n) in zip(samples, self.pools)]
+            blocks = "".join(BLOCK_USED * u + BLOCK_FREE * (n - u) for u, (_, n) in zip(used, self.pools))
             reserved = facts.num_blocks * facts.bytes_per_block
-            self.peak_rss = max(self.peak_rss, sample.rss_bytes)
-            memory = MemorySnapshot(facts.weight_bytes, reserved, round(sample.kv_usage * reserved),
-                                    sample.rss_bytes, self.peak_rss)
-        self.recorder.add(StepSnapshot(self.step_index, self.clock.now(), tuple(snaps), blocks, memory, counters))
+            rss = int(counters.get("rss_bytes", 0))
+            self.peak_rss = max(self.peak_rss, rss)
+            memory = MemorySnapshot(facts.weight_bytes, reserved, sum(used) * facts.bytes_per_block, rss,
+                                    self.peak_rss)
+        self.recorder.add(StepSnapshot(self.step_index, time.perf_counter() - self.start, tuple(snaps), blocks,
+                                       memory, counters))
         self.step_index += 1
+
+
+def _merge(samples: list[ServerSample | None], pools: list[tuple[int, int]]) -> dict[str, float]:
+    """One step's counters from every replica's sample: running, waiting, tokens and memory summed, KV usage over
+    all the pools together; with several replicas, each one's own under "replica{k}:"."""
+    merged: dict[str, float] = {}
+    present = [(k, s) for k, s in enumerate(samples) if s is not None]
+    for k, sample in present:
+        for name, value in sample.counters().items():
+            if name != "kv_usage":
+                merged[name] = merged.get(name, 0.0) + value
+            if len(samples) > 1:
+                merged[f"replica{k}:{name}"] = value
+    if any("kv_usage" in s.values for _, s in present):
+        blocks = [pools[k][1] for k, _ in present]
+        usage = [s.kv_usage for _, s in present]
+        merged["kv_usage"] = (sum(u * n for u, n in zip(usage, blocks)) / sum(blocks) if sum(blocks)
+                              else sum(usage) / len(usage))
+    return merged
 
 
 def _local_folder(name: str) -> Path | None:
@@ -432,20 +628,27 @@ def _local_config(path: Path | None):
     return AutoConfig.from_pretrained(path)
 
 
-def _server_message(exc: BaseException) -> str:
-    """The server's own words from an error response (`{"message": ...}` or `{"error": {"message": ...}}`)."""
-    body = getattr(exc, "body", None)
-    if body is None and getattr(exc, "response", None) is not None:  # an httpx error: read the JSON body
-        try:
-            body = exc.response.json()
-        except Exception:  # noqa: BLE001 - not JSON: use the text
-            return exc.response.text[:200]
+def _message_of(body: Any) -> str:
+    """The server's own words in an error body: `{"message": ...}`, `{"error": {"message": ...}}`, `{"detail": ...}`."""
     if isinstance(body, dict):
         inner = body.get("error")
-        message = inner.get("message") if isinstance(inner, dict) else body.get("message") or body.get("detail")
+        if isinstance(inner, (dict, str)) and inner:
+            return _message_of(inner)
+        message = body.get("message") or body.get("detail")
         if message:
             return str(message)
-    return str(getattr(exc, "message", exc))
+    return str(body)
+
+
+def _server_message(exc: BaseException) -> str:
+    """The server's own words from an error response, or the response's text."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return str(exc)
+    try:
+        return _message_of(response.json())
+    except Exception:  # noqa: BLE001 - not JSON: use the text
+        return response.text[:200]
 
 
 def _root_cause(exc: BaseException) -> str:

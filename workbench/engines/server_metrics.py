@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from workbench.errors import WorkbenchError
 
-# quantity -> the metric (sample) names servers report it under; gauges, and counters with their _total suffix
+# quantity -> the metric (sample) names servers report it under; gauges, counters with their _total suffix, and
+# histograms by their _sum and _count (a histogram's mean over a run is the difference of sums over that of counts)
 _NAMES = {
     "running": ("vllm:num_requests_running", "tgi_batch_current_size", "sglang:num_running_reqs",
                 "llamacpp:requests_processing"),
@@ -24,8 +25,28 @@ _NAMES = {
     "prompt_tokens": ("vllm:prompt_tokens_total", "tgi_request_input_length_sum", "sglang:prompt_tokens_total",
                       "llamacpp:prompt_tokens_total"),
     "preemptions": ("vllm:num_preemptions_total",),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total",),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total",),
+    "ttft_sum": ("vllm:time_to_first_token_seconds_sum", "sglang:time_to_first_token_seconds_sum"),
+    "ttft_count": ("vllm:time_to_first_token_seconds_count", "sglang:time_to_first_token_seconds_count"),
+    "itl_sum": ("vllm:inter_token_latency_seconds_sum", "sglang:inter_token_latency_seconds_sum"),
+    "itl_count": ("vllm:inter_token_latency_seconds_count", "sglang:inter_token_latency_seconds_count"),
+    "e2el_sum": ("vllm:e2e_request_latency_seconds_sum", "sglang:e2e_request_latency_seconds_sum"),
+    "e2el_count": ("vllm:e2e_request_latency_seconds_count", "sglang:e2e_request_latency_seconds_count"),
+    "queue_sum": ("vllm:request_queue_time_seconds_sum",),
+    "queue_count": ("vllm:request_queue_time_seconds_count",),
+    "step_tokens_sum": ("vllm:iteration_tokens_total_sum",),
+    "step_tokens_count": ("vllm:iteration_tokens_total_count",),
     "rss_bytes": ("process_resident_memory_bytes",),
 }
+# What grows during a run: its difference between the first and the last reading is the run's own total.
+COUNTERS = ("generation_tokens", "prompt_tokens", "preemptions", "prefix_cache_queries", "prefix_cache_hits",
+            "ttft_sum", "ttft_count", "itl_sum", "itl_count", "e2el_sum", "e2el_count", "queue_sum", "queue_count",
+            "step_tokens_sum", "step_tokens_count")
+# Gauges a trace step shows, under the names the views read.
+_STEP_NAMES = {"running": "server_running", "waiting": "server_waiting", "kv_usage": "kv_usage",
+               "generation_tokens": "generation_tokens", "prompt_tokens": "prompt_tokens",
+               "preemptions": "preemptions", "rss_bytes": "rss_bytes"}
 _KINDS = {"vllm:": "vllm", "tgi_": "tgi", "sglang:": "sglang", "llamacpp:": "llamacpp"}
 
 
@@ -46,16 +67,21 @@ class ServerSample:
 
     def counters(self) -> dict[str, float]:
         """The sample as a step's counters: server_running, server_waiting, kv_usage, generation_tokens, ..."""
-        return {("server_" + k if k in ("running", "waiting") else k): v for k, v in self.values.items()}
+        return {_STEP_NAMES[k]: v for k, v in self.values.items() if k in _STEP_NAMES}
+
+
+_WANTED = tuple({name for names in _NAMES.values() for name in names} | {"vllm:cache_config_info"})
 
 
 def parse_metrics(text: str, time_s: float = 0.0) -> ServerSample:
     """Read Prometheus exposition text into a ServerSample."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    # Only the lines of the metrics wanted: a vLLM server publishes about 600, and this runs ten times a second.
+    lines = [line for line in text.splitlines() if line.startswith(_WANTED)]
     sums: dict[str, float] = {}
     sample = ServerSample(time_s)
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for s in family.samples:
             sums[s.name] = sums.get(s.name, 0.0) + s.value
             if s.name == "vllm:cache_config_info":
@@ -85,47 +111,69 @@ def read_metrics(url: str, timeout_s: float = 5.0) -> ServerSample:
 
 
 class MetricsPoller:
-    """Reads /metrics every `poll_s` seconds in its own thread and hands each sample to `on_sample`.
+    """Reads each server's /metrics every `poll_s` seconds in its own thread and hands the samples (one per URL, in
+    order) to `on_sample`.
 
-    A failed read hands over the newest sample again (a busy server may answer late), and a server without
-    /metrics hands over None every time: the trace then has the client's view only. `last` is the newest sample.
+    A failed read hands over that server's newest sample again (a busy server may answer late), and a server
+    without /metrics gives None every time: the trace then has the client's view only. `last` holds the newest
+    samples.
     """
 
-    def __init__(self, url: str, poll_s: float = 0.1, on_sample=None) -> None:
-        self.url, self.poll_s, self.on_sample = url, poll_s, on_sample
-        self.first: ServerSample | None = None
-        self.last: ServerSample | None = None
+    def __init__(self, urls: list[str], poll_s: float = 0.1) -> None:
+        self.urls, self.poll_s = list(urls), poll_s
+        self.on_sample = None
+        self.first: list[ServerSample | None] = [None] * len(self.urls)
+        self.last: list[ServerSample | None] = [None] * len(self.urls)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="workbench-metrics", daemon=True)
 
     def start(self) -> None:
-        self.first = self.last = self._read()  # before anything is sent: the counters' starting point
+        """Read every server once: the counters' starting point."""
+        self.first = self._read_all()
+        self.last = list(self.first)
+
+    def watch(self, on_sample) -> None:
+        """Poll in the background, handing each round of samples to `on_sample`."""
+        self.on_sample = on_sample
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
-        self.last = self._read() or self.last  # the counters after the last answer
+        if self._thread.is_alive():
+            self._thread.join()
+        self.last = [new or old for new, old in zip(self._read_all(), self.last)]  # after the last answer
 
-    def _read(self) -> ServerSample | None:
-        try:
-            return read_metrics(self.url, timeout_s=max(1.0, self.poll_s * 10))
-        except WorkbenchError:
-            return None  # a busy server may answer late; some servers have no /metrics at all
+    def _read_all(self) -> list[ServerSample | None]:
+        samples = []
+        for url in self.urls:
+            try:
+                samples.append(read_metrics(url, timeout_s=max(5.0, self.poll_s * 10)))  # a busy server answers late
+            except WorkbenchError:
+                samples.append(None)  # a busy server may answer late; some servers have no /metrics at all
+        return samples
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            sample = self._read()
-            if sample is not None:
-                self.first = self.first or sample
-                self.last = sample
+        # start() has just read every server: the first poll waits its turn, so that it does not land on the server
+        # with the requests a run sends first
+        while not self._stop.wait(self.poll_s):
+            for k, sample in enumerate(self._read_all()):
+                if sample is not None:
+                    self.first[k] = self.first[k] or sample
+                    self.last[k] = sample
             if self.on_sample is not None:
-                self.on_sample(self.last)
-            self._stop.wait(self.poll_s)
+                self.on_sample(list(self.last))
 
     def totals_since_start(self) -> dict[str, float]:
-        """How much the server's counters grew during the run (tokens generated, preemptions, ...)."""
-        if self.first is None or self.last is None:
-            return {}
-        return {name: self.last.values.get(name, 0.0) - self.first.values.get(name, 0.0)
-                for name in ("generation_tokens", "prompt_tokens", "preemptions") if name in self.last.values}
+        """How much the servers' counters grew during the run (tokens generated, preemptions, their latency
+        histograms' sums and counts, ...), summed over the servers; with several, each one's under "replica{k}:"."""
+        totals: dict[str, float] = {}
+        for k, (first, last) in enumerate(zip(self.first, self.last)):
+            if first is None or last is None:
+                continue
+            for name in COUNTERS:
+                if name in last.values:
+                    grown = last.values[name] - first.values.get(name, 0.0)
+                    totals[name] = totals.get(name, 0.0) + grown
+                    if len(self.urls) > 1:
+                        totals[f"replica{k}:{name}"] = grown
+        return totals

@@ -2,19 +2,18 @@
 
 Raw-text prompts (`chat=False`) go to `/generate_stream`, which sends every token with its id; chat prompts go to
 TGI's OpenAI-compatible Messages API (`/v1/chat/completions`), which applies the model's chat template on the
-server. Traces come from TGI's `/metrics` (`tgi_batch_current_size`, `tgi_queue_size`, ...), as for any server.
-Written against TGI 3.x's documented API and checked against its router's source (request and response types,
-validation, metric names); no TGI server runs on the machine this project is tested on (TGI's HTTP API is its Rust
-router, shipped as a Docker image).
+server. Both stream through the same exact client as the `openai` engine. Traces come from TGI's `/metrics`
+(`tgi_batch_current_size`, `tgi_queue_size`, ...), as for any server. Written against TGI 3.x's documented API and
+checked against its router's source (request and response types, validation, metric names).
 """
 
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Sequence
 
-from workbench.engines.openai_server import OpenAIEngine, _Reply
+from workbench.engines.http_streams import Stamps, server_sent_events
+from workbench.engines.openai_server import OpenAIEngine, Replica, _message_of, _Reply
 from workbench.errors import InvalidRequestError
 from workbench.types import SamplingOptions
 
@@ -31,30 +30,22 @@ class TGIEngine(OpenAIEngine):
     name = "tgi"
     api_name = "TGI API"
 
-    def __init__(self, model: str | None = None, url: str = "http://127.0.0.1:8080", api_key_env: str = "HF_TOKEN",
-                 **options: Any) -> None:
-        super().__init__(model, url=url.rstrip("/").removesuffix("/v1"), api_key_env=api_key_env, **options)
+    def __init__(self, model: str | None = None, url: str | Sequence[str] = "http://127.0.0.1:8080",
+                 api_key_env: str = "HF_TOKEN", **options: Any) -> None:
+        super().__init__(model, url=url, api_key_env=api_key_env, **options)
 
-    def _client(self, timeout_s: float | None = None):
-        client = super()._client(timeout_s)
-        return client.with_options(base_url=f"{self.url}/v1")  # the Messages API, for chat prompts
+    @staticmethod
+    def _api_url(url: str) -> str:
+        return url.removesuffix("/v1")  # TGI's own API is at its root; the Messages API below /v1
 
-    def _headers(self) -> dict[str, str]:
-        key = os.environ.get(self.api_key_env)
-        return {"Authorization": f"Bearer {key}"} if key else {}
+    def _openai_root(self, replica: Replica) -> str:
+        return f"{replica.url}/v1"
 
-    def _connect(self) -> tuple[str, int | None]:
-        import httpx
-
-        try:
-            response = httpx.get(f"{self.url}/info", headers=self._headers(), timeout=self.timeout_s)
-            response.raise_for_status()
-            info = response.json()
-        except Exception as exc:  # noqa: BLE001 - every failure becomes one short message
-            raise self._explain(exc, "reading /info") from None
+    def _connect(self, replica: Replica) -> tuple[str, int | None]:
+        info = self._get_json(f"{replica.url}/info", "reading /info")
         served = info.get("model_id", "")
         if self._requested_model and self._requested_model != served:
-            raise InvalidRequestError(f"the server at {self.url} does not serve model {self._requested_model!r}; "
+            raise InvalidRequestError(f"the server at {replica.url} does not serve model {self._requested_model!r}; "
                                       f"it serves: {served}.")
         self.tgi_info = info
         return served, info.get("max_total_tokens")
@@ -73,21 +64,22 @@ class TGIEngine(OpenAIEngine):
                                       f"(--max-stop-sequences), got {len(options.stop)}.")
 
     def _request_options(self, options: SamplingOptions) -> dict[str, Any]:
-        kwargs = super()._request_options(options)
+        body = super()._request_options(options)
         # TGI's router reads `model` as a LoRA adapter id unless it is "tgi", and its validation refuses top_p=1;
         # leaving top_p out when greedy also keeps the server from switching sampling back on.
-        kwargs["model"] = "tgi"
+        body["model"] = "tgi"
         if options.greedy or options.top_p >= 1:
-            del kwargs["top_p"]
-        return kwargs
+            del body["top_p"]
+        return body
 
-    def _chunks(self, prompt: str, options: SamplingOptions, chat: bool, system: str | None,
-                reply: _Reply) -> Iterator[str]:
+    async def _chunks(self, replica: Replica, prompt: str | Sequence[int], options: SamplingOptions, chat: bool,
+                      system: str | None, reply: _Reply) -> AsyncIterator[str]:
         if chat:
-            yield from super()._chunks(prompt, options, chat, system, reply)
+            async for piece in super()._chunks(replica, prompt, options, chat, system, reply):
+                yield piece
             return
-        import httpx
-
+        if not isinstance(prompt, str):
+            raise InvalidRequestError("TGI's /generate_stream takes text, not token ids: give the prompt as text.")
         parameters: dict[str, Any] = {"max_new_tokens": options.max_tokens, "details": True,
                                       "do_sample": not options.greedy}
         if not options.greedy:  # TGI refuses temperature 0 and top_p 1: leave out what is off
@@ -101,23 +93,20 @@ class TGIEngine(OpenAIEngine):
         if options.stop:
             parameters["stop"] = list(options.stop)
         body = {"inputs": (system + "\n" if system else "") + prompt, "parameters": parameters}
-        with httpx.stream("POST", f"{self.url}/generate_stream", json=body, headers=self._headers(),
-                          timeout=self.timeout_s) as response:
-            if response.status_code >= 400:
-                response.read()
-                response.raise_for_status()
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    raise InvalidRequestError(f"TGI stopped the request: {event['error']}")
-                token = event.get("token") or {}
-                if "id" in token:
-                    reply.token_ids.append(token["id"])
-                details = event.get("details") or {}
-                if details:
-                    reply.finish_reason = _FINISH.get(details.get("finish_reason"), "stop")
-                    reply.completion_tokens = details.get("generated_tokens", len(reply.token_ids))
-                    reply.prompt_tokens = details.get("input_length", reply.prompt_tokens)
-                yield "" if token.get("special") else token.get("text", "")
+        stamps = Stamps()
+        async for now, data in server_sent_events(self._http.http, f"{replica.url}/generate_stream", body,
+                                                  self._headers(), stamps):
+            reply.sent = stamps.sent
+            event = json.loads(data)
+            if "error" in event:
+                raise InvalidRequestError(f"TGI stopped the request: {_message_of(event['error'])}")
+            token = event.get("token") or {}
+            if "id" in token:
+                reply.token_ids.append(token["id"])
+                reply.chunk_times.append(now)
+            details = event.get("details") or {}
+            if details:
+                reply.finish_reason = _FINISH.get(details.get("finish_reason"), "stop")
+                reply.completion_tokens = details.get("generated_tokens", len(reply.token_ids))
+                reply.prompt_tokens = details.get("input_length", reply.prompt_tokens)
+            yield "" if token.get("special") else token.get("text", "")

@@ -138,12 +138,11 @@ class TransformersPagedEngine(Engine):
             source = f"PagedAttentionCache.cache_tensor ({allocator.num_blocks} blocks + {reserved} reserved)"
             return KVCacheMeasurement(cache.cache_tensor.nbytes, slots, source)
 
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
              recorder: TraceRecorder) -> list[RawOutput]:
         names = recorder.names
         ids = [f"{self._next_id()}-{name}" for name in names]
         index = {rid: i for i, rid in enumerate(ids)}
-        clock = RunClock(arrivals, self._stop_requested)
         watcher = (_PagedSteps(recorder, names, index, clock, [len(p) for p in prompts], self.device)
                    if recorder.wanted else None)
         results, partial = {}, {}
@@ -179,6 +178,7 @@ class TransformersPagedEngine(Engine):
                     partial[out.request_id] = len(out.generated_tokens)
                 if out.is_finished():
                     results[out.request_id] = out
+                    clock.done(index[out.request_id])
         raw = [RawOutput([], "abort") for _ in prompts]
         for rid, out in results.items():
             i = index[rid]

@@ -81,6 +81,7 @@ class _BatchSteps:
             self.recorder.tokens(i, [last[row]])
             if (not self.options[i].ignore_eos and last[row] in self.engine.eos_ids) or k >= self.options[i].max_tokens:
                 self.finished_at[i] = k
+                self.clock.done(i)
         self.queue.extend(self.clock.arrived())  # requests arriving now wait for the next batch
         if self.recorder.wanted:
             self._snapshot(k, now)
@@ -198,12 +199,11 @@ class TransformersEngine(Engine):
         return KVCacheMeasurement(sum(t.nbytes for t in tensors), tokens,
                                   f"{type(cache).__name__} after a {tokens}-token prefill ({len(tensors)} tensors)")
 
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
              recorder: TraceRecorder) -> list[RawOutput]:
         import torch
 
         size = self.options.get("max_batch_size") or len(prompts)
-        clock = RunClock(arrivals, self._stop_requested)
         raw: list[RawOutput | None] = [None] * len(prompts)
         queue: list[int] = []
         step = 0
@@ -237,4 +237,5 @@ class TransformersEngine(Engine):
                 if i not in steps.finished_at and self.stopping:
                     finish = "abort"
                 raw[i] = RawOutput(tokens, finish, steps.times[: len(tokens)])
+                clock.done(i)  # rows a stop string ended were not seen finishing step by step
         return raw

@@ -149,9 +149,8 @@ class TensorRTLLMEngine(Engine):
         return KVCacheMeasurement(blocks * self.block_size * self._kv_bytes_per_token(), blocks * self.block_size,
                                   f"TensorRT-LLM kvCacheStats.maxNumBlocks ({blocks} blocks x config bytes)")
 
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
              recorder: TraceRecorder) -> list[RawOutput]:
-        clock = RunClock(arrivals, self._stop_requested)
         raw = [RawOutput([], "length") for _ in prompts]
         handles: dict[int, object] = {}
         done: set[int] = set()
@@ -177,6 +176,7 @@ class TensorRTLLMEngine(Engine):
             finally:
                 with lock:
                     done.add(i)
+                    clock.done(i)
 
         threads = []
         step = 0

@@ -223,7 +223,7 @@ class VLLMEngine(Engine):
         return self._layout(paged=True, block_size=self.scheduler.block_size,
                             num_blocks=pool.num_gpu_blocks)
 
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], arrivals: list[float],
+    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
              recorder: TraceRecorder) -> list[RawOutput]:
         scheduler = self.scheduler
         names = recorder.names
@@ -243,7 +243,6 @@ class VLLMEngine(Engine):
             return out
 
         scheduler.schedule = schedule_and_keep
-        clock = RunClock(arrivals, self._stop_requested)
         step = 0
         try:
             while len(finished) < len(prompts):
@@ -274,7 +273,9 @@ class VLLMEngine(Engine):
                     cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
                     if out.finished:
                         raw[i].finish_reason = completion.finish_reason or "stop"
+                        raw[i].engine = _request_stats(out.metrics)
                         just_finished.add(i)
+                        clock.done(i)
                 if recorder.wanted:
                     scheduled = seen["output"].num_scheduled_tokens if "output" in seen else {}
                     snaps = []
@@ -344,3 +345,14 @@ class VLLMEngine(Engine):
             if metric.name in wanted and hasattr(metric, "value"):
                 totals[metric.name] = totals.get(metric.name, 0) + metric.value
         return totals
+
+
+def _request_stats(stats) -> dict[str, float]:
+    """vLLM's own timings of one request (its `RequestStateStats`, kept when stats are logged), in seconds: time to
+    first token from its arrival in the engine, queued and prefill time, and the decode span (first to last token)."""
+    if stats is None or not stats.first_token_ts:
+        return {}
+    return {"ttft_s": stats.first_token_latency, "queued_s": stats.scheduled_ts - stats.queued_ts,
+            "prefill_s": stats.first_token_ts - stats.scheduled_ts,
+            "decode_s": stats.last_token_ts - stats.first_token_ts,
+            "generated_tokens": stats.num_generation_tokens}

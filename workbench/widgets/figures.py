@@ -308,7 +308,7 @@ def throughput_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
     return [
         dict(type="scatter", x=data["time_s"], y=data["tokens_per_s"], name="tokens/s", mode="lines",
              line=dict(color="#2f80ed"), xaxis="x", yaxis="y"),
-        dict(type="bar", x=data["request_id"], y=data["ttft_s"], name="time to first token",
+        dict(type="bar", x=data["request_id"], y=data["ttft_s"], name="time to first token (from arrival)",
              marker=dict(color="#f2994a"), xaxis="x2", yaxis="y2"),
         dict(type="bar", x=data["request_id"], y=data["tpot_s"], name="time per output token",
              marker=dict(color="#27ae60"), xaxis="x2", yaxis="y2"),
@@ -316,7 +316,8 @@ def throughput_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
 
 
 def throughput_figure(trace: Trace, upto: int = -1) -> go.Figure:
-    """Output tokens/s over time, and time to first token and time per output token for each request."""
+    """Output tokens/s over time, and time to first token (from the request's arrival, so a wait before it was sent
+    counts) and time per output token for each request."""
     return _figure(throughput_layout(trace), *throughput_traces(trace, upto))
 
 
