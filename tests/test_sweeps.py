@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import workbench as wb
-from workbench.sweeps import save_sweep, saturation_point
+from workbench.sweeps import saturation_point, save_sweep
 from workbench.workload import make_workload
 
 WORKLOAD = make_workload(n=6, prompt_words=(8, 16), output_tokens=8, seed=3)

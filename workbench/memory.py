@@ -103,7 +103,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     import workbench as wb
     from workbench.engines import SPECS
-    from workbench.engines.base import device_memory, process_memory
+    from workbench.sysmem import device_memory, process_memory
 
     row: dict[str, Any] = {"engine": spec["engine"], "dtype": spec["dtype"]}
     try:

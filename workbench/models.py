@@ -70,10 +70,21 @@ def _build_once(alias: str, build: Callable[[Path], None]) -> Path:
         try:
             build(tmp)
             (tmp / _COMPLETE_MARKER).write_text(json.dumps({"alias": alias}))
+            _umask_modes(tmp)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _umask_modes(folder: Path) -> None:
+    """The modes the umask gives a new folder and its files: a temporary directory is private to its creator, and a
+    cache shared by several users (`WORKBENCH_CACHE` on a teaching server) must be readable by all of them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def bundled_gguf_path() -> Path:

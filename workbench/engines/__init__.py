@@ -50,10 +50,10 @@ SPECS: dict[str, EngineSpec] = {
                    "on GPUs)"),
         EngineSpec("tensorrt-llm", "trtllm:TensorRTLLMEngine", ("tensorrt_llm",), "tensorrt",
                    "NVIDIA TensorRT-LLM's LLM API (PyTorch backend): NVIDIA GPUs only"),
-        EngineSpec("openai", "openai_server:OpenAIEngine", ("openai", "httpx", "prometheus_client"), "",
+        EngineSpec("openai", "openai_server:OpenAIEngine", ("aiohttp", "httpx", "prometheus_client"), "",
                    "any OpenAI-compatible server over HTTP (vLLM, SGLang, trtllm-serve, llama.cpp, TGI's /v1); "
                    "traces from its /metrics", remote=True),
-        EngineSpec("tgi", "tgi:TGIEngine", ("openai", "httpx", "prometheus_client"), "",
+        EngineSpec("tgi", "tgi:TGIEngine", ("aiohttp", "httpx", "prometheus_client"), "",
                    "a Hugging Face TGI server over HTTP: /generate_stream with token ids, /info; traces from /metrics",
                    remote=True),
     )

@@ -28,12 +28,20 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from workbench.engines.base import Engine, final_pieces, first_stop
-from workbench.engines.http_streams import Stamps, StreamClient, server_sent_events
+from workbench.engines.http_streams import HTTPStatusError, Stamps, StreamClient, get_json, server_sent_events
 from workbench.engines.server_metrics import MetricsPoller, ServerSample, read_metrics
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
-from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot, Trace,
-                             TraceRecorder, TraceRequest)
+from workbench.trace import (
+    BLOCK_FREE,
+    BLOCK_USED,
+    CacheFacts,
+    MemorySnapshot,
+    StepSnapshot,
+    Trace,
+    TraceRecorder,
+    TraceRequest,
+)
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
 from workbench.workload import Request
 
@@ -168,13 +176,8 @@ class OpenAIEngine(Engine):
                 self._cache.append((0, 0))  # no /metrics: traces keep the client's view only
 
     def _get_json(self, url: str, doing: str) -> Any:
-        async def get():
-            response = await self._http.http.get(url, headers=self._headers())
-            response.raise_for_status()
-            return response.json()
-
         try:
-            return self._http.call(get())
+            return self._http.call(get_json(self._http.http, url, self._headers()))
         except Exception as exc:  # noqa: BLE001 - every failure becomes one short message
             raise self._explain(exc, doing, url=url) from None
 
@@ -196,33 +199,33 @@ class OpenAIEngine(Engine):
     def _explain(self, exc: BaseException, doing: str, midstream: bool = False, url: str | None = None
                  ) -> WorkbenchError:
         """One short message for what went wrong talking to the server at `url`."""
-        import httpx
+        import aiohttp
 
         url = url or self.url
         if isinstance(exc, WorkbenchError):
             return exc
-        status = getattr(getattr(exc, "response", None), "status_code", None)
+        status = exc.status if isinstance(exc, HTTPStatusError) else None
         if status == 401:
             return WorkbenchError(f"the server at {url} refused the API key (401) while {doing}: put the key in "
                                   f"the environment variable {self.api_key_env} (or name another with api_key_env=).")
         if status == 404:
-            detail = _server_message(exc)
+            detail = _message_of(exc.body)
             if "model" in detail.lower():
                 return InvalidRequestError(f"the server does not serve that model: {detail}")
             return WorkbenchError(f"no {self.api_name} at {url} (404 while {doing}): check the URL"
                                   f"{'; it usually ends in /v1' if self.api_name.startswith('OpenAI') else ''}.")
-        if isinstance(exc, httpx.TimeoutException):
-            return WorkbenchError(f"the server at {url} did not answer within {self.timeout_s:g} s while {doing}"
-                                  f": raise timeout_s= or ask for fewer tokens.")
-        if midstream and isinstance(exc, httpx.TransportError):
-            return WorkbenchError(f"the server at {url} cut the stream off while {doing} ({_root_cause(exc)}): "
-                                  f"the answer is incomplete; check the server.")
-        if isinstance(exc, httpx.TransportError):
-            return WorkbenchError(f"cannot reach a server at {url} while {doing}: is it running, and is the "
-                                  f"URL right? ({_root_cause(exc)})")
         if status is not None:
             return InvalidRequestError(f"the server refused the request ({status}) while {doing}: "
-                                       f"{_server_message(exc)}")
+                                       f"{_message_of(exc.body)}")
+        if isinstance(exc, asyncio.TimeoutError):
+            return WorkbenchError(f"the server at {url} did not answer within {self.timeout_s:g} s while {doing}"
+                                  f": raise timeout_s= or ask for fewer tokens.")
+        if _cut_off(exc) and midstream:
+            return WorkbenchError(f"the server at {url} cut the stream off while {doing} ({_root_cause(exc)}): "
+                                  f"the answer is incomplete; check the server.")
+        if isinstance(exc, (aiohttp.ClientError, OSError)):
+            return WorkbenchError(f"cannot reach a server at {url} while {doing}: is it running, and is the "
+                                  f"URL right? ({_root_cause(exc)})")
         return WorkbenchError(f"talking to {url} failed while {doing}: {_root_cause(exc)}")
 
     # ---- facts -----------------------------------------------------------------------------------------------
@@ -336,14 +339,12 @@ class OpenAIEngine(Engine):
         except asyncio.CancelledError:
             reply.finish_reason = "abort"
         except Exception as exc:  # noqa: BLE001 - kept, and told once the run is over
-            import httpx
-
             doing = (f"streaming an answer ({len(reply.chunk_times)} pieces received)" if reply.chunk_times
                      else "sending a request")
             reply.error = self._explain(exc, doing, midstream=bool(reply.chunk_times),
                                         url=replica.url if replica else None)
             reply.finish_reason = "error"
-            if replica is not None and isinstance(exc, httpx.TransportError):
+            if replica is not None and _cut_off(exc):
                 replica.up = False  # the rest of this run goes to the other replicas
             if isinstance(reply.error, InvalidRequestError) or not any(r.up for r in self.replicas):
                 self._cancel_all()  # the request itself was refused, or no server is left: end the run
@@ -640,15 +641,12 @@ def _message_of(body: Any) -> str:
     return str(body)
 
 
-def _server_message(exc: BaseException) -> str:
-    """The server's own words from an error response, or the response's text."""
-    response = getattr(exc, "response", None)
-    if response is None:
-        return str(exc)
-    try:
-        return _message_of(response.json())
-    except Exception:  # noqa: BLE001 - not JSON: use the text
-        return response.text[:200]
+def _cut_off(exc: BaseException) -> bool:
+    """Whether the connection itself failed (refused, reset, cut mid-answer), rather than the request."""
+    import aiohttp
+
+    return (isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError))
+            and not isinstance(exc, asyncio.TimeoutError))
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -11,11 +11,21 @@ from dataclasses import replace
 from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput, device_memory, process_memory
+from workbench.engines.base import Engine, RawOutput
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
 from workbench.errors import WorkbenchError
-from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot, RequestSnapshot,
-                             StepSnapshot, TraceRecorder)
+from workbench.sysmem import device_memory, process_memory
+from workbench.trace import (
+    BLOCK_CACHED,
+    BLOCK_FREE,
+    BLOCK_RESERVED,
+    BLOCK_USED,
+    CacheFacts,
+    MemorySnapshot,
+    RequestSnapshot,
+    StepSnapshot,
+    TraceRecorder,
+)
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 # Where the manager sizes its cache and batches from free GPU memory, a CPU has none to read: bound them ourselves.

@@ -12,8 +12,9 @@ import time
 from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput, device_memory, finish_from_eos, process_memory
+from workbench.engines.base import Engine, RawOutput, finish_from_eos
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
+from workbench.sysmem import device_memory, process_memory
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 

@@ -24,12 +24,12 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput, process_memory
+from workbench.engines.base import Engine, RawOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
 from workbench.models import ResolvedModel
-from workbench.trace import (BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot,
-                             TraceRecorder)
+from workbench.sysmem import process_memory
+from workbench.trace import BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot, TraceRecorder
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 _OPTION_TO_LLM = {"max_batch_size": "max_batch_size", "max_num_tokens": "max_num_tokens",

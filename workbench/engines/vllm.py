@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput, process_memory
+from workbench.engines.base import Engine, RawOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
-from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, CacheFacts, MemorySnapshot,
-                             RequestSnapshot, StepSnapshot, TraceRecorder)
+from workbench.sysmem import process_memory
+from workbench.trace import (
+    BLOCK_CACHED,
+    BLOCK_FREE,
+    BLOCK_RESERVED,
+    BLOCK_USED,
+    CacheFacts,
+    MemorySnapshot,
+    RequestSnapshot,
+    StepSnapshot,
+    TraceRecorder,
+)
 from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 
 # vLLM reads these when it is imported: they must be set before.

@@ -19,8 +19,8 @@ import ipywidgets as widgets
 
 import workbench
 from workbench.engines import accepted_options
-from workbench.engines.base import process_memory
 from workbench.errors import WorkbenchError
+from workbench.sysmem import process_memory
 from workbench.trace import Trace
 from workbench.widgets.live import LiveFeed
 from workbench.widgets.replay import Replay

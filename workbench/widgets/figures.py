@@ -15,8 +15,16 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from workbench.trace import (BLOCK_CACHED, BLOCK_FREE, BLOCK_RESERVED, BLOCK_USED, STATES, StepSnapshot, Trace,
-                             tokens_in_block)
+from workbench.trace import (
+    BLOCK_CACHED,
+    BLOCK_FREE,
+    BLOCK_RESERVED,
+    BLOCK_USED,
+    STATES,
+    StepSnapshot,
+    Trace,
+    tokens_in_block,
+)
 
 REQUEST_COLORS = qualitative.Plotly + qualitative.D3[1:] + qualitative.Set2
 BLOCK_COLORS = {BLOCK_FREE: "#eeeeee", BLOCK_CACHED: "#b7d7f0", BLOCK_RESERVED: "#555555"}
