@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import workbench as wb
 from workbench.cli import main as cli_main
 from workbench.report import run_notebook
+from workbench.servers import start_vllm_server
 
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
@@ -88,3 +90,25 @@ def notebook_report(tmp_path_factory):
         return done[name]
 
     return run
+
+
+SERVER_KEY_ENV = "WORKBENCH_TEST_SERVER_KEY"
+
+
+@pytest.fixture(scope="session")
+def vllm_servers():
+    """Two of vLLM's OpenAI servers on localhost (SmolLM2, float32), started together once per session; each asks for
+    an API key, read from an environment variable on both sides. The openai engine's tests use the first, the
+    replica tests both (and stop the second last)."""
+    if not HAVE_VLLM:
+        pytest.skip("vllm is not installed (the test servers are vLLM's)")
+    os.environ.setdefault(SERVER_KEY_ENV, secrets.token_hex(16))
+    started = [start_vllm_server("smollm2-135m", api_key_env=SERVER_KEY_ENV, max_model_len=2048, kv_cache_gb=0.5,
+                                 timeout_s=None) for _ in range(2)]
+    try:
+        for server in started:
+            server.wait_ready(300)
+        yield started
+    finally:
+        for server in started:
+            server.stop()

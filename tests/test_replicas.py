@@ -1,33 +1,26 @@
 """Data parallelism as users run it: one `openai` engine over two real vLLM servers (round robin), each server's
-/metrics in the trace; a replica that goes down is named and the other keeps serving."""
+/metrics in the trace; a replica that goes down is named and the other keeps serving. The servers are the session's
+(conftest); the second is stopped here, last."""
 
 from __future__ import annotations
 
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM
-from workbench.servers import free_port, start_vllm_server
+from conftest import HAVE_VLLM, SERVER_KEY_ENV
+from workbench.servers import free_port
 from workbench.workload import make_workload
 
 pytestmark = pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed (the servers are vLLM's)")
 
 
 @pytest.fixture(scope="module")
-def servers():
-    started = [start_vllm_server("smollm2-135m", max_model_len=1024, kv_cache_gb=0.25, timeout_s=None)
-               for _ in range(2)]
-    try:
-        for server in started:
-            server.wait_ready(300)
-        yield started
-    finally:
-        for server in started:
-            server.stop()
+def servers(vllm_servers):
+    return vllm_servers
 
 
 def test_requests_go_round_robin_and_each_replicas_metrics_are_kept(servers):
-    with wb.load("openai", url=[s.url for s in servers], model="smollm2-135m") as engine:
+    with wb.load("openai", url=[s.url for s in servers], model="smollm2-135m", api_key_env=SERVER_KEY_ENV) as engine:
         trace = engine.run(make_workload(n=8, output_tokens=16, seed=5))
         assert [r.metrics.generated_tokens for r in trace.results] == [16] * 8
         counters = trace.engine_counters
@@ -42,7 +35,7 @@ def test_requests_go_round_robin_and_each_replicas_metrics_are_kept(servers):
 
 
 def test_a_replica_that_goes_down_is_named_and_the_other_serves_on(servers):
-    with wb.load("openai", url=[s.url for s in servers], model="smollm2-135m") as engine:
+    with wb.load("openai", url=[s.url for s in servers], model="smollm2-135m", api_key_env=SERVER_KEY_ENV) as engine:
         servers[1].kill()
         with pytest.warns(UserWarning, match=f"{servers[1].url} stopped answering"):
             trace = engine.run(make_workload(n=6, output_tokens=8, seed=6))
@@ -59,4 +52,4 @@ def test_a_replica_that_goes_down_is_named_and_the_other_serves_on(servers):
 def test_a_replica_down_at_load_is_named(servers):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(wb.WorkbenchError, match=f"cannot reach a server at {dead}"):
-        wb.load("openai", url=[servers[0].url, dead], model="smollm2-135m")
+        wb.load("openai", url=[servers[0].url, dead], model="smollm2-135m", api_key_env=SERVER_KEY_ENV)
