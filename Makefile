@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.workbench-installed
 NOTEBOOK ?= notebooks/00_quickstart.ipynb
 
-.PHONY: lab test tests report bench install models browser llama-server clean
+.PHONY: lab test tests lint report bench install models browser llama-server clean
 
 install: $(STAMP)
 
@@ -72,7 +72,7 @@ test:
 	@mkdir -p build; status=0; begin=$$(date +%s); \
 	( $(MAKE) --no-print-directory $(LLAMA_CACHED) > build/llama-server.out 2>&1; echo $$? > build/llama-server.rc; \
 	  echo $$(( $$(date +%s) - begin )) > build/llama-server.seconds ) & \
-	times=""; for phase in install browser; do \
+	times=""; for phase in install lint browser; do \
 		start=$$(date +%s); $(MAKE) --no-print-directory $$phase || { status=$$?; break; }; \
 		times="$$times, $$phase $$(( $$(date +%s) - start )) s"; \
 	done; \
@@ -87,6 +87,10 @@ test:
 
 tests: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff, configured in pyproject.toml: pycodestyle, pyflakes, import order, bugbear.
+lint: $(STAMP)
+	$(BIN)/ruff check workbench tests bench
 
 report: $(STAMP)
 	$(BIN)/workbench report $(NOTEBOOK)

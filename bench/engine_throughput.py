@@ -69,8 +69,9 @@ def direct_vllm(engine: wb.Engine, prompt_ids: list[list[int]]) -> int:
     return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+# DeepSpeed's direct call is its module's `generate`: the engine's `hf_model` is the module DeepSpeed wraps.
 DIRECT = {"transformers": direct_transformers, "transformers-paged": direct_transformers_paged,
-          "vllm": direct_vllm}
+          "vllm": direct_vllm, "deepspeed": direct_transformers}
 
 
 def timed(fn) -> tuple[float, int]:
@@ -81,8 +82,8 @@ def timed(fn) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    installed = [s.name for s in wb.engines() if s.installed]
-    parser.add_argument("--engines", nargs="+", default=installed)
+    installed = [s.name for s in wb.engines() if s.installed and s.name in DIRECT]  # in-process, with a baseline
+    parser.add_argument("--engines", nargs="+", default=installed, choices=sorted(DIRECT))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", help="cpu or cuda, for the Hugging Face engines (default: theirs)")
@@ -97,9 +98,9 @@ def main() -> None:
         best = {"workbench": 0.0, "direct": 0.0}
         ratios = []  # workbench / direct, from the two runs of one repeat: robust to the machine's slow drifts
         calls = {
-            "workbench": lambda: sum(len(r.token_ids)
-                                     for r in engine.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0)),
-            "direct": lambda: DIRECT[name](engine, prompt_ids),
+            "workbench": lambda engine=engine: sum(
+                len(r.token_ids) for r in engine.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0)),
+            "direct": lambda engine=engine, name=name, prompt_ids=prompt_ids: DIRECT[name](engine, prompt_ids),
         }
         for repeat in range(args.repeats):
             this = {}

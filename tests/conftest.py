@@ -18,6 +18,18 @@ from workbench.servers import start_vllm_server
 os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 ENGINES = ["transformers", "transformers-paged", "vllm", "deepspeed"]
+
+# The fast layer (`pytest -m "not slow"`): modules that load no engine, model, server, notebook or browser. Every
+# other test is marked slow here.
+FAST_MODULES = {"test_arrivals", "test_interface", "test_layers", "test_packaging", "test_registry",
+                "test_saved_traces", "test_server_metrics", "test_serving_metrics", "test_tgi_requests",
+                "test_workload"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

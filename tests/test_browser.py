@@ -74,7 +74,7 @@ def jupyterlab(tmp_path_factory):
         except OSError:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
-                raise RuntimeError(f"JupyterLab did not start: see {root / 'jupyterlab.log'}")
+                raise RuntimeError(f"JupyterLab did not start: see {root / 'jupyterlab.log'}") from None
             time.sleep(0.5)
     yield base, token
     server.terminate()

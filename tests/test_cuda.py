@@ -109,7 +109,7 @@ def multi_head_llama(tmp_path_factory) -> str:
 def test_deepspeed_kernel_injection_on_cuda_replaces_the_layers_or_says_why_not(multi_head_llama):
     from transformers import AutoConfig
 
-    from workbench.engines.deepspeed_inference import injection_blocker
+    from workbench.engines.deepspeed import injection_blocker
 
     blocker = injection_blocker(AutoConfig.from_pretrained(multi_head_llama))
     if blocker:  # DeepSpeed 0.19.8 under transformers 5: refused up front, rather than failing in the second layer

@@ -160,7 +160,7 @@ def test_deepspeed_kernel_injection_is_offered_only_for_models_its_kernels_serve
     from packaging.version import Version
     from transformers import AutoConfig, LlamaConfig
 
-    from workbench.engines.deepspeed_inference import injection_blocker
+    from workbench.engines.deepspeed import injection_blocker
 
     def config(alias):
         return AutoConfig.from_pretrained(wb.resolve_model(alias).path)

@@ -87,3 +87,16 @@ def test_interrupted_build_leaves_nothing_usable(tmp_path, monkeypatch):
     assert [p for p in (tmp_path / "models").iterdir() if not p.name.endswith(".lock")] == []
     path = models._build_once("broken", lambda out: (out / "config.json").write_text("{}"))
     assert (path / "config.json").exists()
+
+
+def test_a_built_model_has_the_modes_the_umask_gives(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    old = os.umask(0o022)  # a teaching server's cache, shared by several users
+    try:
+        path = models._build_once("shared", lambda out: (out / "config.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755  # not the 0700 of the temporary folder it was built in
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in path.iterdir())

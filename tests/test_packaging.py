@@ -1,4 +1,5 @@
-"""The project's own files: environment.yml agrees with pyproject.toml, the CLI and Makefile say what the README says."""
+"""The project's own files: environment.yml agrees with pyproject.toml, the CLI and Makefile say what the README
+says."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ RUNS = [(0.0, 0.0, 20, 0.10, [0.05, 0.05, 0.06], "length"),
 def made_trace(runs=RUNS, steps=()) -> Trace:
     trace = Trace("vllm", "m", FACTS, [TraceRequest(f"r{i}", p, 8, a) for i, (a, _, p, *_rest) in enumerate(runs)],
                   list(steps))
-    for arrival, queue, prompt, ttft, gaps, finish in runs:
+    for _, queue, prompt, ttft, gaps, finish in runs:
         latencies = [ttft, *gaps] if finish != "error" else []
         metrics = RequestMetrics(prompt, len(latencies), ttft, latencies, sum(latencies), queue)
         trace.results.append(GenerationResult("p", "t", [], finish, metrics))
@@ -51,6 +51,7 @@ def test_definitions_are_vllm_bench_serves():
     assert serving_metrics(made_trace())["request_goodput"] is None  # without SLOs, as vLLM reports it
 
 
+@pytest.mark.slow  # importing vLLM's benchmark module takes seconds
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 def test_equal_to_vllms_own_calculate_metrics():
     from vllm.benchmarks.lib.endpoint_request_func import RequestFuncOutput

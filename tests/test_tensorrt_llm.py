@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 
 import workbench as wb
+from workbench.engines import has_nvidia_gpu
 from workbench.workload import make_workload
 
 HAVE_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -22,11 +23,14 @@ def _cuda() -> bool:
 def test_engines_say_why_tensorrt_llm_is_missing_and_how_to_get_it():
     status = {s.name: s for s in wb.engines()}["tensorrt-llm"]
     assert "NVIDIA GPU" in status.description
-    if not HAVE_TRTLLM:
-        assert not status.installed and "tensorrt_llm" in status.reason
-        assert "workbench[tensorrt]" in status.install
-        with pytest.raises(wb.EngineNotInstalledError, match="tensorrt"):
+    if not has_nvidia_gpu():  # first what no install can change: this machine has no NVIDIA GPU
+        assert not status.installed and status.reason.startswith("it runs on NVIDIA GPUs only")
+        assert status.install == "on a machine with an NVIDIA GPU: pip install 'workbench[tensorrt]'"
+        with pytest.raises(wb.EngineNotInstalledError, match="NVIDIA GPUs only.*workbench\\[tensorrt\\]"):
             wb.load("tensorrt-llm")
+    elif not HAVE_TRTLLM:
+        assert not status.installed and "tensorrt_llm" in status.reason
+        assert status.install == "pip install 'workbench[tensorrt]'"
 
 
 needs_gpu = pytest.mark.skipif(not HAVE_TRTLLM or not _cuda(),

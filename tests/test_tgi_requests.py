@@ -6,16 +6,14 @@ from __future__ import annotations
 import pytest
 
 import workbench as wb
-from workbench.engines.openai_server import ServedModel
 from workbench.engines.tgi import TGIEngine
 from workbench.types import SamplingOptions
 
 
 @pytest.fixture
 def tgi() -> TGIEngine:
-    engine = object.__new__(TGIEngine)  # what /info would have told a loaded engine
-    engine.model = ServedModel("HuggingFaceTB/SmolLM2-135M-Instruct")
-    engine.tgi_info = {"model_id": engine.model.name, "max_stop_sequences": 4}
+    engine = TGIEngine(model="HuggingFaceTB/SmolLM2-135M-Instruct", url="http://127.0.0.1:8080")  # no network yet
+    engine.tgi_info = {"model_id": engine.model.name, "max_stop_sequences": 4}  # what its /info would say
     return engine
 
 

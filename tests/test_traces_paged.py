@@ -32,3 +32,11 @@ def test_late_request_joins_the_running_batch_with_its_own_blocks(tmp_path):
              and s.request("r0").state == "decode"]
     assert all(b - a == 1 for a, b in zip(grows, grows[1:]))
     assert Trace.load(trace.save(tmp_path / "paged.jsonl")) == trace
+
+
+def test_the_cache_facts_are_the_real_pool_read_from_the_engine():
+    with wb.load("transformers-paged", model="smollm2-135m", num_blocks=24, block_size=32) as engine:
+        before = engine.cache_facts.num_blocks  # read from the pool transformers allocates, not from the option
+        trace = engine.run([Request("Name three colors.", max_tokens=4)])
+    assert before == trace.facts.num_blocks > 24  # the pool's reserved blocks come first
+    assert all(len(step.blocks) == trace.facts.num_blocks for step in trace.steps)

@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from workbench.engines import EngineStatus, accepted_options, adapter_class, engine_statuses
-from workbench.engines.base import Engine
+from workbench.engines import EngineStatus, accepted_options, engine_statuses, load
+from workbench.engines.interface import Engine
 from workbench.errors import (
     EngineNotInstalledError,
     InvalidRequestError,
@@ -26,25 +24,6 @@ from workbench.sweeps import sweep
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RequestMetrics, SamplingOptions
 
 __version__ = "0.1.0"
-
-
-def load(engine: str, model: str | None = None, **options: Any) -> Engine:
-    """Load `model` in `engine` and return the engine, ready to generate.
-
-    `model` is an alias (see `workbench.list_models()`, default the bundled SmolLM2), a local Hugging Face folder or
-    a hub id; for a server engine (`openai`), the name the server serves it under (default: its only model).
-    `options` go to the engine: `dtype`, `max_model_len`, and the engine's own (for vLLM: `block_size`,
-    `num_blocks`, `enable_prefix_caching`, `max_batch_size`, `kv_cache_gb`, ...; for `openai`: `url`,
-    `api_key_env`, `timeout_s`).
-
-    >>> with wb.load("transformers", model="tiny-llama") as e:           # doctest: +SKIP
-    ...     e.generate("Hello", max_tokens=4)
-    >>> wb.load("openai", url="http://127.0.0.1:8000/v1")               # doctest: +SKIP
-    """
-    cls = adapter_class(engine)  # unknown or missing engines fail before any model is built
-    if cls.remote:  # a server: the model is a name on it, nothing to resolve here
-        return cls(model, **options)
-    return cls(resolve_model(model or DEFAULT_MODEL), **options)
 
 
 def engine_options(engine: str) -> tuple[str, ...]:

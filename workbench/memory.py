@@ -101,8 +101,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs in the child process: imports, baseline, load, generate, and the figures `measure_memory` returns."""
     import importlib
 
-    import workbench as wb
-    from workbench.engines import SPECS
+    from workbench.engines import SPECS, load
+    from workbench.errors import WorkbenchError
     from workbench.sysmem import device_memory, process_memory
 
     row: dict[str, Any] = {"engine": spec["engine"], "dtype": spec["dtype"]}
@@ -110,7 +110,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         for module in SPECS[spec["engine"]].requires if spec["engine"] in SPECS else ():
             importlib.import_module(module)  # the libraries count in the baseline, not in the engine's share
         baseline, _ = process_memory()
-        with wb.load(spec["engine"], model=spec["model"], dtype=spec["dtype"], **spec["options"]) as engine:
+        with load(spec["engine"], model=spec["model"], dtype=spec["dtype"], **spec["options"]) as engine:
             loaded, _ = process_memory()
             info, facts = engine.info, engine.cache_facts
             gpu_loaded = device_memory(info.device)[0]
@@ -130,7 +130,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             if gpu_peak:  # on a GPU, in this process: weights and KV cache are GPU memory, not the process's
                 row.update(gpu_loaded_bytes=gpu_loaded, gpu_peak_bytes=gpu_peak,
                            rest_bytes=gpu_peak - info.weight_bytes - kv_bytes)
-    except wb.WorkbenchError as exc:
+    except WorkbenchError as exc:
         row["error"] = str(exc)
     return row
 

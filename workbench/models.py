@@ -251,7 +251,8 @@ def _count_in_files(files: tuple[tuple[str, int, int], ...]) -> int:
 
 
 def main() -> None:
-    """`python -m workbench.models [ALIAS ...]`: build aliases into the cache ahead of time (default: the bundled one)."""
+    """`python -m workbench.models [ALIAS ...]`: build aliases into the cache ahead of time (default: the bundled
+    one)."""
     import sys
 
     for name in sys.argv[1:] or [DEFAULT_MODEL]:

@@ -21,7 +21,7 @@ from workbench.workload import Request, as_requests, check_rate, with_arrivals
 if TYPE_CHECKING:
     import pandas as pd
 
-    from workbench.engines.base import Engine
+    from workbench.engines.interface import Engine
 
 #: a point saturates when its throughput gains less than this over the best before it ...
 SATURATION_GAIN = 1.05

@@ -104,7 +104,8 @@ class GenerationResult:
     error: str = ""
 
     def __repr__(self) -> str:
-        return f"GenerationResult(text={self.text!r}, finish_reason={self.finish_reason!r}, tokens={len(self.token_ids)})"
+        return (f"GenerationResult(text={self.text!r}, finish_reason={self.finish_reason!r}, "
+                f"tokens={len(self.token_ids)})")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Raw-text prompts (`chat=False`) go to `/generate_stream`, which sends every token with its id; chat prompts go to
 TGI's OpenAI-compatible Messages API (`/v1/chat/completions`), which applies the model's chat template on the
 server. Both stream through the same exact client as the `openai` engine. Traces come from TGI's `/metrics`
-(`tgi_batch_current_size`, `tgi_queue_size`, ...), as for any server. Written against TGI 3.x's documented API and
-checked against its router's source (request and response types, validation, metric names).
+(`tgi_batch_current_size`, `tgi_queue_size`, ...), as for any server. Request fields follow TGI 3.x's router (its
+request and response types, validation and metric names).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from typing import Any, AsyncIterator, Sequence
 
 from workbench.engines.http_streams import Stamps, server_sent_events
-from workbench.engines.openai_server import OpenAIEngine, Replica, _message_of, _Reply
+from workbench.engines.openai import OpenAIEngine, Replica, _message_of, _Reply
 from workbench.errors import InvalidRequestError
 from workbench.types import SamplingOptions
 
@@ -27,7 +27,6 @@ class TGIEngine(OpenAIEngine):
     >>> engine.generate("The capital of France is", chat=False, temperature=0)[0].token_ids   # doctest: +SKIP
     """
 
-    name = "tgi"
     api_name = "TGI API"
 
     def __init__(self, model: str | None = None, url: str | Sequence[str] = "http://127.0.0.1:8080",

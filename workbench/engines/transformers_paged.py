@@ -1,18 +1,18 @@
 """HF Transformers continuous batching: a paged KV cache and a scheduler that admits requests between steps.
 
-Drives `ContinuousBatchingManager` (what `model.generate_batch` wraps) directly, so requests are added and their
-results collected as they finish, and a stream can be cancelled.
+Drives `ContinuousBatchingManager` (what `model.generate_batch` wraps) directly, so requests are added as they
+arrive and their results collected as they finish, and a request can be cancelled. The manager steps in its own
+thread; a wrapper around its loop body snapshots the scheduler and the cache after each step.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
-from typing import Iterator
+from dataclasses import dataclass, replace
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
+from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.errors import WorkbenchError
 from workbench.sysmem import device_memory, process_memory
 from workbench.trace import (
@@ -34,8 +34,21 @@ _CPU_MAX_BLOCKS = 4096
 _CPU_MAX_BATCH_TOKENS = 1024
 
 
-class TransformersPagedEngine(Engine):
-    name = "transformers-paged"
+@dataclass(frozen=True)
+class _Pool:
+    """The block pool a manager really allocates: its reserved blocks come first, then those it hands out."""
+
+    reserved: int
+    blocks: int
+    block_size: int
+    tensor_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.reserved + self.blocks
+
+
+class TransformersPagedEngine(LocalEngine):
     extra_options = ("device", "block_size", "num_blocks", "max_batch_tokens", "max_batch_size")
 
     def _load(self) -> None:
@@ -44,6 +57,7 @@ class TransformersPagedEngine(Engine):
         self.eos_ids = eos_token_ids(self.hf_model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self._counter = 0
+        self._pool_read: _Pool | None = None
 
     def _info(self) -> EngineInfo:
         return hf_info(self.name, self.hf_model, self.model, self.dtype, self.device, self.max_model_len, self.options)
@@ -57,7 +71,7 @@ class TransformersPagedEngine(Engine):
         block_size = self.options.get("block_size") or 32
         num_blocks = self.options.get("num_blocks")
         if num_blocks is None and self.device == "cpu":
-            block_bytes = self._kv_bytes_per_token() * block_size
+            block_bytes = self.kv_bytes_per_token * block_size
             num_blocks = max(16, min(_CPU_MAX_BLOCKS, _CPU_DEFAULT_KV_BYTES // block_bytes))
         max_batch_tokens = self.options.get("max_batch_tokens")
         if max_batch_tokens is None and self.device == "cpu":
@@ -71,8 +85,7 @@ class TransformersPagedEngine(Engine):
         )
 
     @contextmanager
-    def _manager(self, options: SamplingOptions, max_new_tokens: int, prompts: list[list[int]],
-                 on_step=None):
+    def _manager(self, options: SamplingOptions, max_new_tokens: int, prompts: list[list[int]], on_step=None):
         """A started manager for this workload; `on_step(batch_processor)` runs in its thread after each step."""
         from transformers.generation.continuous_batching.utils import WorkloadHints
 
@@ -106,106 +119,93 @@ class TransformersPagedEngine(Engine):
         self._counter += 1
         return f"wb-{self._counter}"
 
-    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
-        with self._manager(options, options.max_tokens, [prompt]) as manager:
-            rid = manager.add_request(prompt, request_id=self._next_id(), max_new_tokens=options.max_tokens,
-                                      streaming=True)
-            sent = 0
-            finished = False
-            try:
-                for out in manager.request_id_iter(rid):
-                    if out.error:
-                        raise WorkbenchError(f"transformers continuous batching failed the request: {out.error}")
-                    tokens = out.generated_tokens
-                    if len(tokens) > sent:
-                        yield list(tokens[sent:])
-                        sent = len(tokens)
-                    finished = out.is_finished()
-            finally:
-                if not finished:
-                    manager.cancel_request(rid)
+    def _pool(self) -> _Pool:
+        """The pool the manager allocates, read from a manager started for it once (it allocates when started)."""
+        if self._pool_read is None:
+            import time
 
-    # ---- step traces ---------------------------------------------------------------------------------------------
+            with self._manager(SamplingOptions(max_tokens=1), 1, [[self.pad_id]]) as manager:
+                deadline = time.monotonic() + 60
+                while manager.batch_processor is None and manager.is_running() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if manager.batch_processor is None:
+                    raise WorkbenchError("transformers continuous batching did not start its cache: see the log.")
+                cache = manager.batch_processor.cache
+                allocator = next(iter(cache.cache_allocators.values()))
+                self._pool_read = _Pool(cache.pool.num_reserved_sectors * allocator.blocks_per_sector,
+                                        allocator.num_blocks, allocator.tokens_per_page, cache.cache_tensor.nbytes)
+        return self._pool_read
+
     def _cache_facts(self) -> CacheFacts:
-        config = self._cb_config(None)
-        # The block count is read from the allocator once the cache exists (the first step); this is the request.
-        return self._layout(paged=True, block_size=config.page_size, num_blocks=config.num_blocks or 0)
+        pool = self._pool()
+        return self._layout(paged=True, block_size=pool.block_size, num_blocks=pool.total)
 
     def _measure_kv_cache(self) -> KVCacheMeasurement:
-        # The manager allocates its cache when its thread starts, and frees it when it stops.
-        import time
+        pool = self._pool()
+        return KVCacheMeasurement(pool.tensor_bytes, pool.total * pool.block_size,
+                                  f"PagedAttentionCache.cache_tensor ({pool.blocks} blocks + {pool.reserved} reserved)")
 
-        with self._manager(SamplingOptions(max_tokens=1), 1, [[self.pad_id]]) as manager:
-            deadline = time.monotonic() + 60
-            while manager.batch_processor is None and manager.is_running() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if manager.batch_processor is None:
-                raise WorkbenchError("transformers continuous batching did not start its cache: see the log.")
-            cache = manager.batch_processor.cache
-            allocator = next(iter(cache.cache_allocators.values()))
-            reserved = cache.pool.num_reserved_sectors * allocator.blocks_per_sector  # the never-allocated blocks
-            slots = (reserved + allocator.num_blocks) * allocator.tokens_per_page
-            source = f"PagedAttentionCache.cache_tensor ({allocator.num_blocks} blocks + {reserved} reserved)"
-            return KVCacheMeasurement(cache.cache_tensor.nbytes, slots, source)
+    def _open_session(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
+                      recorder: TraceRecorder, streaming: bool) -> Session:
+        return _ContinuousBatches(self, prompts, options, clock, recorder, streaming)
 
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
-             recorder: TraceRecorder) -> list[RawOutput]:
-        names = recorder.names
-        ids = [f"{self._next_id()}-{name}" for name in names]
-        index = {rid: i for i, rid in enumerate(ids)}
-        watcher = (_PagedSteps(recorder, names, index, clock, [len(p) for p in prompts], self.device)
-                   if recorder.wanted else None)
-        results, partial = {}, {}
-        streaming = recorder.on_tokens is not None  # partial outputs every step: only when someone shows them
-        max_new = max(o.max_tokens for o in options)
-        with self._manager(options[0], max_new, prompts, watcher) as manager:
-            while len(results) < len(prompts):
-                if self.stopping:
-                    for rid in set(index) - set(results):
-                        manager.cancel_request(rid)
-                    break
-                for i in clock.arrived():
-                    if watcher is not None:
-                        watcher.submitted.add(ids[i])
-                    eos = -1 if options[i].ignore_eos else None
-                    manager.add_request(prompts[i], request_id=ids[i], max_new_tokens=options[i].max_tokens,
-                                        record_timestamps=True, eos_token_id=eos, streaming=streaming)
-                if len(results) == len(index) - clock.pending and clock.pending:
-                    clock.wait_for_next()  # nothing in flight
-                    continue
-                out = manager.get_result(timeout=0.02)
-                if out is None:
-                    if not manager.is_running():
-                        raise WorkbenchError("transformers continuous batching stopped unexpectedly: see the log.")
-                    continue
-                if out.request_id not in index:
-                    continue
-                if out.error:
-                    raise WorkbenchError(f"transformers continuous batching failed a request: {out.error}")
-                if streaming:
-                    sent = partial.get(out.request_id, 0)
-                    recorder.tokens(index[out.request_id], out.generated_tokens[sent:])
-                    partial[out.request_id] = len(out.generated_tokens)
-                if out.is_finished():
-                    results[out.request_id] = out
-                    clock.done(index[out.request_id])
-        raw = [RawOutput([], "abort") for _ in prompts]
-        for rid, out in results.items():
-            i = index[rid]
-            tokens = list(out.generated_tokens)
-            ended_by_eos = not options[i].ignore_eos and tokens and tokens[-1] in self.eos_ids
-            times = [t - clock.start for t in (out.timestamps or [])][: len(tokens)]
-            raw[i] = RawOutput(tokens, "stop" if ended_by_eos else "length", times)
-        return raw
+
+class _ContinuousBatches(Session):
+    """A run on one manager, started for this workload: requests added as the clock releases them, results taken as
+    they come (every step's tokens when `streaming`, else all at once when a request ends, with the manager's own
+    timestamps)."""
+
+    def __init__(self, engine: TransformersPagedEngine, prompts: list[list[int]], options: list[SamplingOptions],
+                 clock: RunClock, recorder: TraceRecorder, streaming: bool) -> None:
+        self.engine, self.options, self.clock, self.streaming = engine, options, clock, streaming
+        self.ids = [f"{engine._next_id()}-{name}" for name in recorder.names]
+        self.index = {rid: i for i, rid in enumerate(self.ids)}
+        self.sent: dict[int, int] = {}
+        self.watcher = (_PagedSteps(recorder, self.index, clock, engine.device) if recorder.wanted else None)
+        self._context = engine._manager(options[0], max(o.max_tokens for o in options), prompts, self.watcher)
+        self.manager = self._context.__enter__()
+
+    def submit(self, i: int, prompt: list[int], options: SamplingOptions) -> None:
+        if self.watcher is not None:
+            self.watcher.submitted.add(self.ids[i])
+        eos = -1 if options.ignore_eos else None
+        self.manager.add_request(prompt, request_id=self.ids[i], max_new_tokens=options.max_tokens,
+                                 record_timestamps=True, eos_token_id=eos, streaming=self.streaming)
+
+    def step(self) -> StepOutput:
+        out = self.manager.get_result(timeout=0.02)
+        if out is None:
+            if not self.manager.is_running():
+                raise WorkbenchError("transformers continuous batching stopped unexpectedly: see the log.")
+            return StepOutput()
+        i = self.index.get(out.request_id)
+        if i is None:
+            return StepOutput()
+        if out.error:
+            raise WorkbenchError(f"transformers continuous batching failed a request: {out.error}")
+        tokens = list(out.generated_tokens)
+        step = StepOutput(tokens={i: tokens[self.sent.get(i, 0):]})
+        self.sent[i] = len(tokens)
+        if out.is_finished():
+            ended_by_eos = not self.options[i].ignore_eos and tokens and tokens[-1] in self.engine.eos_ids
+            step.finished[i] = "stop" if ended_by_eos else "length"
+            step.stamps[i] = [t - self.clock.start for t in (out.timestamps or [])][: len(tokens)]
+        return step
+
+    def abort(self, indexes: list[int]) -> None:
+        for i in indexes:
+            self.manager.cancel_request(self.ids[i])
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
 
 
 class _PagedSteps:
     """Called in the manager's thread after each step: reads its scheduler and paged cache into a snapshot."""
 
-    def __init__(self, recorder: TraceRecorder, names: list[str], index: dict[str, int], clock: RunClock,
-                 prompt_lengths: list[int], device: str) -> None:
-        self.recorder, self.names, self.index, self.clock = recorder, names, index, clock
-        self.prompt_lengths, self.device = prompt_lengths, device
+    def __init__(self, recorder: TraceRecorder, index: dict[str, int], clock: RunClock, device: str) -> None:
+        self.recorder, self.index, self.clock, self.device = recorder, index, clock, device
+        self.names = recorder.names
         self.submitted: set[str] = set()
         self.done: set[str] = set()
         self.was_active: set[str] = set()
@@ -218,9 +218,11 @@ class _PagedSteps:
         now = self.clock.now()
         scheduler, cache = batch_processor.scheduler, batch_processor.cache
         allocator = next(iter(cache.cache_allocators.values()))
+        # Block ids count the pool's reserved (trash) sectors first: those ids are never handed to a request.
+        reserved = cache.pool.num_reserved_sectors * allocator.blocks_per_sector
         facts = self.recorder.trace.facts
-        if facts.num_blocks != allocator.num_blocks:  # the allocator rounds the request to whole sectors
-            facts = self.recorder.trace.facts = replace(facts, num_blocks=allocator.num_blocks)
+        if facts.num_blocks != reserved + allocator.num_blocks:  # a pool other than the one read at load
+            facts = self.recorder.trace.facts = replace(facts, num_blocks=reserved + allocator.num_blocks)
         active, waiting = scheduler.active_requests, scheduler.waiting_requests
         snaps = []
         for rid in sorted(self.submitted - self.done, key=self.index.__getitem__):
@@ -250,8 +252,6 @@ class _PagedSteps:
             blocks = tuple(allocator.block_table.get(rid, ()))
             snaps.append(self.recorder.dedupe(RequestSnapshot(
                 name, state, scheduled, offset, len(state_obj.generated_tokens), blocks, 0)))
-        # Block ids count the pool's reserved (trash) sectors first: those ids are never handed to a request.
-        reserved = cache.pool.num_reserved_sectors * allocator.blocks_per_sector
         blocks = [BLOCK_RESERVED] * reserved + [BLOCK_FREE] * allocator.num_blocks
         for block in allocator.ledger.cached_blocks:
             blocks[block] = BLOCK_CACHED

@@ -11,10 +11,9 @@ import os
 import weakref
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Iterator
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput
+from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
 from workbench.sysmem import process_memory
@@ -105,8 +104,7 @@ def cpu_shares(ranks: int) -> str:
     return "|".join(f"{g[0]}-{g[-1]}" if contiguous and len(g) > 1 else ",".join(map(str, g)) for g in groups)
 
 
-class VLLMEngine(Engine):
-    name = "vllm"
+class VLLMEngine(LocalEngine):
     extra_options = (*_OPTION_TO_VLLM, "kv_cache_gb")
 
     def _load(self) -> None:
@@ -119,9 +117,8 @@ class VLLMEngine(Engine):
 
         self.device = current_platform.device_type
         if current_platform.is_cpu() and not cpu_supports(self.dtype):
-            raise UnsupportedOptionError(
-                f"vLLM cannot run {self.dtype} on this CPU (it lacks the AVX-512 instructions for it): use dtype='float32'."
-            )
+            raise UnsupportedOptionError(f"vLLM cannot run {self.dtype} on this CPU (it lacks the AVX-512 "
+                                         f"instructions for it): use dtype='float32'.")
         # vLLM on CPU otherwise pins torch to one thread "for serving"; a notebook wants every core.
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         options = self.options
@@ -190,129 +187,112 @@ class VLLMEngine(Engine):
         """vLLM's own scheduler (in-process engine core): `.running`, `.waiting`, `.kv_cache_manager`."""
         return self.llm_engine.engine_core.engine_core.scheduler
 
-    def _sampling_params(self, options: SamplingOptions):
+    def _cache_facts(self) -> CacheFacts:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return self._layout(paged=True, block_size=self.scheduler.block_size, num_blocks=pool.num_gpu_blocks)
+
+    def _open_session(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
+                      recorder: TraceRecorder, streaming: bool) -> Session:
+        return _VLLMSession(self, prompts, recorder)
+
+    def _next_id(self) -> str:
+        self._counter += 1
+        return f"wb-{self._counter}"
+
+    def _engine_counters(self) -> dict[str, float]:
+        """vLLM's own Prometheus counters (process-wide totals; a run reports their difference)."""
+        wanted = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries",
+                  "vllm:generation_tokens", "vllm:prompt_tokens")
+        totals: dict[str, float] = {}
+        for metric in self.llm.get_metrics():
+            if metric.name in wanted and hasattr(metric, "value"):
+                totals[metric.name] = totals.get(metric.name, 0) + metric.value
+        return totals
+
+
+class _VLLMSession(Session):
+    """A run on the in-process engine: `add_request`, `step`, and the scheduler read after each step."""
+
+    def __init__(self, engine: VLLMEngine, prompts: list[list[int]], recorder: TraceRecorder) -> None:
+        self.engine, self.prompts, self.recorder = engine, prompts, recorder
+        self.llm_engine, self.scheduler = engine.llm_engine, engine.scheduler
+        self.index: dict[str, int] = {}  # id in outputs -> request index
+        self.internal: dict[int, str] = {}  # request index -> the scheduler's id
+        self.produced: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
+        self.preemptions: dict[int, int] = {}
+        self.finished: set[int] = set()
+        self.just_finished: set[int] = set()
+        self.computed_before: dict[int, int] = {}
+        self.before = engine._engine_counters() if recorder.trace is not None else {}
+        # vLLM keeps no SchedulerOutput after a step; wrap this scheduler's `schedule` to see what each step ran.
+        self.seen: dict = {}
+        original = self.scheduler.schedule
+
+        def schedule_and_keep(*args, **kwargs):
+            self.seen["output"] = out = original(*args, **kwargs)
+            return out
+
+        self.scheduler.schedule = schedule_and_keep
+
+    def submit(self, i: int, prompt: list[int], options: SamplingOptions) -> None:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            n=1,
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            ignore_eos=options.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        params = SamplingParams(n=1, max_tokens=options.max_tokens, temperature=options.temperature,
+                                top_p=options.top_p, top_k=options.top_k, seed=options.seed,
+                                stop=list(options.stop) or None, ignore_eos=options.ignore_eos,
+                                output_kind=RequestOutputKind.DELTA)
+        rid = self.engine._next_id()
+        self.internal[i] = self.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, params)
+        self.index[rid] = i
 
-    def _add(self, prompt: list[int], options: SamplingOptions) -> tuple[str, str]:
-        """Submit a request; returns its id in outputs and vLLM's internal id (the scheduler's key)."""
-        self._counter += 1
-        rid = f"wb-{self._counter}"
-        internal = self.llm_engine.add_request(rid, {"prompt_token_ids": prompt}, self._sampling_params(options))
-        return rid, internal
+    def step(self) -> StepOutput:
+        self.finished |= self.just_finished  # shown as finished in the last snapshot: no more after it
+        requests = self.scheduler.requests
+        self.computed_before = {i: requests[rid].num_computed_tokens for i, rid in self.internal.items()
+                                if rid in requests}
+        self.seen.clear()
+        out = StepOutput()
+        for output in self.llm_engine.step():
+            i = self.index.get(output.request_id)
+            if i is None or i in self.finished:
+                continue
+            completion = output.outputs[0]
+            out.tokens[i] = list(completion.token_ids)
+            self.produced[i] = self.produced.get(i, 0) + len(completion.token_ids)
+            self.cached[i] = max(self.cached.get(i, 0), output.num_cached_tokens or 0)
+            if output.finished:
+                out.finished[i] = completion.finish_reason or "stop"
+                out.engine[i] = _request_stats(output.metrics)
+        self.just_finished = set(out.finished)
+        return out
 
-    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
-        rid, _ = self._add(prompt, options)
-        finished = False
-        try:
-            while not finished:
-                for out in self.llm_engine.step():
-                    if out.request_id == rid:
-                        finished = out.finished
-                        if out.outputs[0].token_ids:
-                            yield list(out.outputs[0].token_ids)
-        finally:
-            if not finished:
-                self.llm_engine.abort_request([rid])
-
-    # ---- step traces ---------------------------------------------------------------------------------------------
-    def _cache_facts(self) -> CacheFacts:
+    def snapshot(self, step: int, now: float) -> StepSnapshot:
+        scheduled = self.seen["output"].num_scheduled_tokens if "output" in self.seen else {}
+        names = self.recorder.names
+        snaps = []
+        for i, rid in self.internal.items():
+            if i in self.finished:
+                continue
+            request = self.scheduler.requests.get(rid)
+            if request is not None:
+                self.preemptions[i] = request.num_preemptions
+            produced = self.produced.get(i, 0)
+            snaps.append(self.recorder.dedupe(self._request_snapshot(
+                names[i], request, i in self.just_finished, scheduled.get(rid, 0), self.computed_before.get(i, 0),
+                len(self.prompts[i]) + produced, produced, self.cached.get(i, 0))))
+        facts = self.recorder.trace.facts
         pool = self.scheduler.kv_cache_manager.block_pool
-        return self._layout(paged=True, block_size=self.scheduler.block_size,
-                            num_blocks=pool.num_gpu_blocks)
-
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
-             recorder: TraceRecorder) -> list[RawOutput]:
-        scheduler = self.scheduler
-        names = recorder.names
-        raw = [RawOutput([], "length") for _ in prompts]
-        external: dict[str, int] = {}  # id in outputs -> request index
-        internal: dict[int, str] = {}  # request index -> the scheduler's id
-        finished: set[int] = set()
-        preemptions: dict[int, int] = {}
-        cached: dict[int, int] = {}
-        before = self._engine_counters() if recorder.trace is not None else {}
-        # vLLM keeps no SchedulerOutput after a step; wrap this scheduler's `schedule` to see what each step ran.
-        seen: dict = {}
-        original_schedule = scheduler.schedule
-
-        def schedule_and_keep(*args, **kwargs):
-            seen["output"] = out = original_schedule(*args, **kwargs)
-            return out
-
-        scheduler.schedule = schedule_and_keep
-        step = 0
-        try:
-            while len(finished) < len(prompts):
-                if self.stopping:
-                    for i in set(range(len(prompts))) - finished:
-                        raw[i].finish_reason = "abort"
-                    break
-                for i in clock.arrived():
-                    rid, internal[i] = self._add(prompts[i], options[i])
-                    external[rid] = i
-                if len(internal) == len(finished):  # nothing in flight: wait for the next arrival
-                    clock.wait_for_next()
-                    continue
-                computed_before = {i: scheduler.requests[rid].num_computed_tokens
-                                   for i, rid in internal.items() if rid in scheduler.requests}
-                seen.clear()
-                outputs = self.llm_engine.step()
-                now = clock.now()
-                just_finished = set()
-                for out in outputs:
-                    i = external.get(out.request_id)
-                    if i is None or i in finished:
-                        continue
-                    completion = out.outputs[0]
-                    raw[i].token_ids.extend(completion.token_ids)
-                    recorder.tokens(i, completion.token_ids)
-                    raw[i].token_times.extend([now] * len(completion.token_ids))
-                    cached[i] = max(cached.get(i, 0), out.num_cached_tokens or 0)
-                    if out.finished:
-                        raw[i].finish_reason = completion.finish_reason or "stop"
-                        raw[i].engine = _request_stats(out.metrics)
-                        just_finished.add(i)
-                        clock.done(i)
-                if recorder.wanted:
-                    scheduled = seen["output"].num_scheduled_tokens if "output" in seen else {}
-                    snaps = []
-                    for i, rid in internal.items():
-                        if i in finished:
-                            continue
-                        request = scheduler.requests.get(rid)
-                        if request is not None:
-                            preemptions[i] = request.num_preemptions
-                        snaps.append(recorder.dedupe(self._request_snapshot(
-                            names[i], request, i in just_finished, scheduled.get(rid, 0), computed_before.get(i, 0),
-                            len(prompts[i]) + len(raw[i].token_ids), len(raw[i].token_ids), cached.get(i, 0))))
-                    recorder.add(StepSnapshot(
-                        step, now, tuple(snaps), self._block_states(), self._memory(recorder.trace.facts),
-                        {"kv_usage": scheduler.kv_cache_manager.usage, "preemptions": sum(preemptions.values()),
-                         "prefix_cache_hit_tokens": sum(cached.values())}))
-                finished |= just_finished
-                step += 1
-        finally:
-            del scheduler.schedule  # back to the class's own method
-            unfinished = [rid for rid, i in external.items() if i not in finished]
-            if unfinished:
-                self.llm_engine.abort_request(unfinished)
-        if recorder.trace is not None:
-            after = self._engine_counters()
-            recorder.trace.engine_counters = {name: value - before.get(name, 0) for name, value in after.items()}
-        return raw
+        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # the null block is never free
+        memory = MemorySnapshot(facts.weight_bytes, facts.num_blocks * facts.bytes_per_block,
+                                used * facts.bytes_per_block, *process_memory())
+        blocks = "".join(BLOCK_RESERVED if block.is_null else BLOCK_USED if block.ref_cnt > 0
+                         else BLOCK_CACHED if block.block_hash is not None else BLOCK_FREE for block in pool.blocks)
+        return StepSnapshot(step, now, tuple(snaps), blocks, memory,
+                            {"kv_usage": self.scheduler.kv_cache_manager.usage,
+                             "preemptions": sum(self.preemptions.values()),
+                             "prefix_cache_hit_tokens": sum(self.cached.values())})
 
     def _request_snapshot(self, name: str, request, just_finished: bool, scheduled: int, computed_before: int,
                           total_tokens: int, output_tokens: int, cached: int) -> RequestSnapshot:
@@ -332,29 +312,17 @@ class VLLMEngine(Engine):
         return RequestSnapshot(name, state, scheduled, request.num_computed_tokens, output_tokens,
                                tuple(blocks), cached)
 
-    def _block_states(self) -> str:
-        pool = self.scheduler.kv_cache_manager.block_pool
-        return "".join(
-            BLOCK_RESERVED if block.is_null else BLOCK_USED if block.ref_cnt > 0
-            else BLOCK_CACHED if block.block_hash is not None else BLOCK_FREE
-            for block in pool.blocks
-        )
+    def abort(self, indexes: list[int]) -> None:
+        rids = [rid for rid, i in self.index.items() if i in indexes]
+        if rids:
+            self.llm_engine.abort_request(rids)
 
-    def _memory(self, facts: CacheFacts) -> MemorySnapshot:
-        pool = self.scheduler.kv_cache_manager.block_pool
-        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # the null block is never free
-        return MemorySnapshot(facts.weight_bytes, facts.num_blocks * facts.bytes_per_block,
-                              used * facts.bytes_per_block, *process_memory())
-
-    def _engine_counters(self) -> dict[str, float]:
-        """vLLM's own Prometheus counters (process-wide totals; a run reports their difference)."""
-        wanted = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries",
-                  "vllm:generation_tokens", "vllm:prompt_tokens")
-        totals: dict[str, float] = {}
-        for metric in self.llm.get_metrics():
-            if metric.name in wanted and hasattr(metric, "value"):
-                totals[metric.name] = totals.get(metric.name, 0) + metric.value
-        return totals
+    def close(self) -> None:
+        del self.scheduler.schedule  # back to the class's own method
+        if self.recorder.trace is not None:
+            after = self.engine._engine_counters()
+            self.recorder.trace.engine_counters = {name: value - self.before.get(name, 0)
+                                                   for name, value in after.items()}
 
 
 def _request_stats(stats) -> dict[str, float]:

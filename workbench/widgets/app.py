@@ -173,7 +173,8 @@ class Workbench:
             seconds = time.perf_counter() - start
             info = self.engine.info
             self.load_progress.value, self.load_progress.bar_style = 3, "success"
-            self.load_status.value = (f"{html.escape(info.engine)} {html.escape(info.engine_version)} on {info.device}: "
+            self.load_status.value = (f"{html.escape(info.engine)} {html.escape(info.engine_version)} "
+                                      f"on {info.device}: "
                                       f"{html.escape(info.model)}, {info.dtype}, "
                                       f"{info.weight_bytes / 2**20:.0f} MiB of weights, loaded in {seconds:.1f} s; "
                                       f"this process now holds {process_memory()[0] / 2**30:.1f} GiB")

@@ -157,7 +157,9 @@ def _contiguous_traces(trace: Trace, step: int) -> tuple[list[dict], str]:
              marker=dict(color="#eb5757"), hovertemplate="%{y}: %{x} padding slots<extra></extra>"),
     ]
     waste = sum(r.padding_tokens for r in requests) * trace.facts.bytes_per_token
-    title = "Contiguous KV cache per sequence" + (f", step {snap.step}: {waste / 2**20:.1f} MiB padding" if snap else "")
+    title = "Contiguous KV cache per sequence"
+    if snap:
+        title += f", step {snap.step}: {waste / 2**20:.1f} MiB padding"
     return traces, title
 
 

@@ -36,8 +36,9 @@ def sweep_figure(points: pd.DataFrame, name: str = "") -> go.Figure:
     offered = points["load"]
     for metric, label, color in LATENCIES:
         for stat, dash in (("median", "solid"), ("p99", "dash")):
-            figure.add_scatter(x=achieved, y=points[f"{stat}_{metric}_ms"], name=f"{label} {stat}", mode="lines+markers",
-                               line=dict(color=color, dash=dash), legendgroup="latency", row=1, col=1,
+            figure.add_scatter(x=achieved, y=points[f"{stat}_{metric}_ms"], name=f"{label} {stat}",
+                               mode="lines+markers", line=dict(color=color, dash=dash), legendgroup="latency",
+                               row=1, col=1,
                                customdata=offered, hovertemplate="%{customdata}: %{y:.0f} ms<extra></extra>")
     figure.add_scatter(x=offered, y=points["request_throughput"], name="requests/s", mode="lines+markers",
                        line=dict(color="#333333"), row=1, col=2)

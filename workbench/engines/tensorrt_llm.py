@@ -1,13 +1,10 @@
 """NVIDIA TensorRT-LLM through its `LLM` API (PyTorch backend, the default since 1.0), on an NVIDIA GPU.
 
-Written against TensorRT-LLM 1.2.1's documented LLM API: `LLM(model, dtype, tensor_parallel_size,
-pipeline_parallel_size, max_batch_size, max_num_tokens, max_seq_len, kv_cache_config=KvCacheConfig(...),
-enable_iter_perf_stats=True)`, `generate_async(prompt_token_ids, SamplingParams, streaming=True)` whose outputs
-carry `token_ids_diff`, `abort()`, `get_stats(timeout)` (per iteration: numActiveRequests, numQueuedRequests,
-inflightBatchingStats, kvCacheStats) and `get_kv_cache_events(timeout)` (blocks stored into and removed from the
-reuse cache). Checked against the LLM API's source (1.2-era `llm.py`, `executor/result.py`, `sampling_params.py`,
-`llm_args.py`). It has not been run: the one GPU machine lent had no network, and its wheel was too large to
-carry there (see the README).
+Written against TensorRT-LLM 1.2.1's LLM API: `LLM(model, dtype, tensor_parallel_size, pipeline_parallel_size,
+max_batch_size, max_num_tokens, max_seq_len, kv_cache_config=KvCacheConfig(...), enable_iter_perf_stats=True)`,
+`generate_async(prompt_token_ids, SamplingParams, streaming=True)` whose outputs carry `token_ids_diff`, `abort()`,
+`get_stats(timeout)` (per iteration: numActiveRequests, numQueuedRequests, inflightBatchingStats, kvCacheStats) and
+`get_kv_cache_events(timeout)` (blocks stored into and removed from the reuse cache).
 
 A run streams each request in its own thread and, between, reads the iteration stats into trace steps: the engine's
 own counts of active, queued, context and generation requests, its block pool's used and free blocks, and the
@@ -17,14 +14,15 @@ time is when the workbench read it; each iteration still becomes its own step.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.base import Engine, RawOutput
+from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.memory import bytes_per_element
 from workbench.models import ResolvedModel
@@ -38,8 +36,7 @@ _STATS_TIMEOUT_S = 0.05  # get_stats waits this long when no new iteration is qu
 _EVENT_BUFFER = 4096  # KV cache events TensorRT-LLM keeps until read; each run reads them all
 
 
-class TensorRTLLMEngine(Engine):
-    name = "tensorrt-llm"
+class TensorRTLLMEngine(LocalEngine):
     extra_options = (*_OPTION_TO_LLM, "block_size", "kv_cache_memory_fraction", "enable_block_reuse")
 
     def __init__(self, model: ResolvedModel, dtype: str = "float16", max_model_len: int | None = None,
@@ -109,18 +106,6 @@ class TensorRTLLMEngine(Engine):
             sampling.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k or None)
         return SamplingParams(**sampling)
 
-    def _stream(self, prompt: list[int], options: SamplingOptions) -> Iterator[list[int]]:
-        result = self._submit(prompt, self._sampling_params(options))
-        try:
-            for output in result:
-                new = list(output.outputs[0].token_ids_diff)
-                if new:
-                    yield new
-        finally:
-            if not result.finished:
-                result.abort()
-
-    # ---- step traces ---------------------------------------------------------------------------------------------
     def _read_stats(self, timeout_s: float = _STATS_TIMEOUT_S) -> list[dict]:
         _rearm(getattr(getattr(self.llm, "_executor", None), "_iter_stats_result", None))
         stats = self.llm.get_stats(timeout=timeout_s)
@@ -146,80 +131,77 @@ class TensorRTLLMEngine(Engine):
         # The pool's tensors live in TensorRT-LLM's C++ KV cache manager: its own block count is what is reachable.
         self._read_stats()
         blocks = int(self._pool["maxNumBlocks"])
-        return KVCacheMeasurement(blocks * self.block_size * self._kv_bytes_per_token(), blocks * self.block_size,
+        return KVCacheMeasurement(blocks * self.block_size * self.kv_bytes_per_token, blocks * self.block_size,
                                   f"TensorRT-LLM kvCacheStats.maxNumBlocks ({blocks} blocks x config bytes)")
 
-    def _run(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
-             recorder: TraceRecorder) -> list[RawOutput]:
-        raw = [RawOutput([], "length") for _ in prompts]
-        handles: dict[int, object] = {}
-        done: set[int] = set()
-        failures: list[BaseException] = []
-        lock = threading.Lock()
+    def _open_session(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
+                      recorder: TraceRecorder, streaming: bool) -> Session:
+        return _IterationStats(self, clock, recorder)
 
-        def consume(i: int, result) -> None:
+
+class _IterationStats(Session):
+    """A run on the LLM API: each request streams in a thread of its own into a queue, and each step reads the
+    executor's iteration stats (one snapshot per iteration) and takes what the streams brought."""
+
+    def __init__(self, engine: TensorRTLLMEngine, clock: RunClock, recorder: TraceRecorder) -> None:
+        self.engine, self.clock, self.recorder = engine, clock, recorder
+        self.handles: dict[int, Any] = {}
+        self.produced: dict[int, int] = {}
+        self.done: set[int] = set()
+        self.arrivals: queue.Queue = queue.Queue()  # (request, new tokens, finish reason or None, time) or an error
+        self.threads: list[threading.Thread] = []
+        self.step_index = 0
+
+    def submit(self, i: int, prompt: list[int], options: SamplingOptions) -> None:
+        self.handles[i] = handle = self.engine._submit(prompt, self.engine._sampling_params(options))
+        thread = threading.Thread(target=self._consume, args=(i, handle), daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _consume(self, i: int, handle) -> None:
+        try:
+            for output in handle:
+                completion = output.outputs[0]
+                reason = None
+                if output.finished:  # TensorRT-LLM says "cancelled" for an aborted request
+                    reason = {"length": "length", "cancelled": "abort"}.get(completion.finish_reason, "stop")
+                self.arrivals.put((i, list(completion.token_ids_diff), reason, self.clock.now()))
+        except Exception as exc:  # noqa: BLE001 - raised in the loop's thread
+            self.arrivals.put(exc)
+
+    def step(self) -> StepOutput:
+        iterations = self.engine._read_stats()
+        if not iterations:
+            time.sleep(_STATS_TIMEOUT_S)  # get_stats can return at once with nothing: do not spin
+        out = StepOutput()
+        while True:
             try:
-                for output in result:
-                    completion = output.outputs[0]
-                    new = list(completion.token_ids_diff)
-                    with lock:
-                        raw[i].token_ids.extend(new)
-                        raw[i].token_times.extend([clock.now()] * len(new))
-                    recorder.tokens(i, new)
-                    if output.finished:
-                        with lock:
-                            if raw[i].finish_reason != "abort":  # stop() set it; TensorRT-LLM says "cancelled"
-                                raw[i].finish_reason = {"length": "length", "cancelled": "abort"}.get(
-                                    completion.finish_reason, "stop")
-            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                failures.append(exc)
-            finally:
-                with lock:
-                    done.add(i)
-                    clock.done(i)
-
-        threads = []
-        step = 0
-        while len(done) < len(prompts) and not failures:
-            if self.stopping:
-                with lock:  # the consumers set finish reasons too
-                    for i in range(len(prompts)):
-                        if i not in done:
-                            raw[i].finish_reason = "abort"
-                for i, result in handles.items():
-                    if i not in done:
-                        result.abort()
+                item = self.arrivals.get_nowait()
+            except queue.Empty:
                 break
-            for i in clock.arrived():
-                handles[i] = self._submit(prompts[i], self._sampling_params(options[i]))
-                threads.append(threading.Thread(target=consume, args=(i, handles[i]), daemon=True))
-                threads[-1].start()
-            if not handles or len(done) == len(handles):
-                clock.wait_for_next()
-                continue
-            iterations = self._read_stats()
-            if not iterations:
-                time.sleep(_STATS_TIMEOUT_S)  # get_stats can return at once with nothing: do not spin
-            if recorder.wanted and iterations:
-                events = self._read_events()
-                for stats in iterations:
-                    recorder.add(self._snapshot(step, clock.now(), stats, events, recorder, handles, done, raw, lock))
-                    step += 1
-        for thread in threads:
-            thread.join()
-        if failures:
-            raise WorkbenchError(f"TensorRT-LLM failed a request: {failures[0]}")
-        return raw
+            if isinstance(item, BaseException):
+                raise WorkbenchError(f"TensorRT-LLM failed a request: {item}")
+            i, new, reason, when = item
+            out.tokens.setdefault(i, []).extend(new)
+            out.times.setdefault(i, []).extend([when] * len(new))
+            self.produced[i] = self.produced.get(i, 0) + len(new)
+            if reason is not None:
+                out.finished[i] = reason
+                self.done.add(i)
+        if self.recorder.wanted and iterations:
+            events = self.engine._read_events()
+            for stats in iterations:
+                self.recorder.add(self._snapshot(self.clock.now(), stats, events))
+        return out
 
-    def _snapshot(self, step: int, now: float, stats: dict, events: dict[str, int], recorder: TraceRecorder,
-                  handles: dict, done: set, raw: list[RawOutput], lock: threading.Lock) -> StepSnapshot:
+    def _snapshot(self, now: float, stats: dict, events: dict[str, int]) -> StepSnapshot:
+        recorder = self.recorder
         facts = recorder.trace.facts
         pool = stats.get("kvCacheStats") or {}
         total, used = int(pool.get("maxNumBlocks", 0)), int(pool.get("usedNumBlocks", 0))
         if total and facts.num_blocks != total:
             facts = recorder.trace.facts = replace(facts, num_blocks=total)
-        with lock:
-            snaps = recorder.seen_from_client(handles, done, lambda i: len(raw[i].token_ids))
+        snaps = recorder.seen_from_client(self.handles, self.done, lambda i: self.produced.get(i, 0))
         batching = stats.get("inflightBatchingStats") or {}
         counters = {"engine_active": stats.get("numActiveRequests", 0),
                     "engine_queued": stats.get("numQueuedRequests", 0),
@@ -230,7 +212,19 @@ class TensorRTLLMEngine(Engine):
                     "cache_hit_rate": pool.get("cacheHitRate", 0.0), **events}
         memory = MemorySnapshot(facts.weight_bytes, total * facts.bytes_per_block, used * facts.bytes_per_block,
                                 *process_memory())
-        return StepSnapshot(step, now, tuple(snaps), BLOCK_USED * used + BLOCK_FREE * (total - used), memory, counters)
+        snapshot = StepSnapshot(self.step_index, now, tuple(snaps), BLOCK_USED * used + BLOCK_FREE * (total - used),
+                                memory, counters)
+        self.step_index += 1
+        return snapshot
+
+    def abort(self, indexes: list[int]) -> None:
+        for i in indexes:
+            if i in self.handles and i not in self.done:
+                self.handles[i].abort()
+
+    def close(self) -> None:
+        for thread in self.threads:
+            thread.join()
 
 
 def _rearm(pending) -> None:

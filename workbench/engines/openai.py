@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-from workbench.engines.base import Engine, final_pieces, first_stop
 from workbench.engines.http_streams import HTTPStatusError, Stamps, StreamClient, get_json, server_sent_events
+from workbench.engines.interface import Engine, final_pieces, first_stop
 from workbench.engines.server_metrics import MetricsPoller, ServerSample, read_metrics
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
-from workbench.memory import bytes_per_element
+from workbench.memory import bytes_per_element, kv_shape
 from workbench.trace import (
     BLOCK_FREE,
     BLOCK_USED,
@@ -88,7 +88,6 @@ class OpenAIEngine(Engine):
     >>> wb.load("openai", url=["http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1"])        # doctest: +SKIP
     """
 
-    name = "openai"
     remote = True
     api_name = "OpenAI-compatible API"
     extra_options = ("url", "api_key_env", "timeout_s", "metrics_url", "poll_s")
@@ -123,12 +122,23 @@ class OpenAIEngine(Engine):
         self.poll_s = poll_s
         self.dtype = dtype
         self.options = {"url": urls if len(urls) > 1 else urls[0], "timeout_s": self.timeout_s}  # never the key
-        self.tokenizer = None  # the server tokenizes; the base class's tokenizer and config are not loaded here
+        self.tokenizer = None  # the server tokenizes
+        self.model = ServedModel(model or "")  # until the server says what it serves
         self._requested_model = model
         self._requested_len = max_model_len
         self._tasks: list[asyncio.Task] = []
         self._next_replica = 0
-        self._open()
+        self._http: StreamClient | None = None
+        self._open(load=False)  # no network in the constructor: `connect()`, or the first use, connects
+
+    def connect(self) -> None:
+        """Check the server answers and serves the model, and read what it says about it; done once, on first use
+        (`workbench.load` does it at once, so a wrong URL is an error there)."""
+        self._ensure_loaded()
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        self._ensure_loaded()
 
     @staticmethod
     def _api_url(url: str) -> str:
@@ -154,6 +164,7 @@ class OpenAIEngine(Engine):
             served = [self._connect(replica) for replica in self.replicas]
         except BaseException:
             self._http.close()
+            self._http = None
             raise
         names = sorted({name for name, _ in served})
         if len(names) > 1:
@@ -236,15 +247,12 @@ class OpenAIEngine(Engine):
                           str(self.model.path or ""), params, params * bytes_per_element(self.dtype),
                           self.max_model_len, dict(self.options))
 
-    def _kv_bytes_per_token(self) -> int:
-        return super()._kv_bytes_per_token() if self.config is not None else 0
-
     def _cache_facts(self) -> CacheFacts:
         """The servers' KV caches laid end to end: one block map holds every replica's pool."""
         block_size = next((size for size, _ in self._cache if size), 0)
         num_blocks = sum(blocks for _, blocks in self._cache)
-        per_token = self._kv_bytes_per_token()
-        layers, kv_heads, head_dim = self._kv_shape()[:3] if self.config is not None else (0, 0, 0)
+        per_token = self.kv_bytes_per_token
+        layers, kv_heads, head_dim = kv_shape(self.config, self.dtype)[:3] if self.config is not None else (0, 0, 0)
         return CacheFacts(True, block_size or 1, num_blocks, per_token * (block_size or 1), layers, kv_heads,
                           head_dim, self.dtype, self.info.weight_bytes, self.max_model_len)
 
@@ -253,13 +261,8 @@ class OpenAIEngine(Engine):
                              "(its /metrics reports the cache's usage; see a run's trace).")
 
     def _release(self) -> None:
-        self._http.close()  # the server keeps running: it is not ours to stop
-
-    def _stream(self, prompt, options):  # pragma: no cover - the public methods below serve text
-        raise NotImplementedError
-
-    def _run(self, prompts, options, clock, recorder):  # pragma: no cover
-        raise NotImplementedError
+        if self._http is not None:  # the server keeps running: it is not ours to stop
+            self._http.close()
 
     # ---- one request -----------------------------------------------------------------------------------------
     def _check_options(self, options: SamplingOptions, chat: bool) -> None:
@@ -424,7 +427,7 @@ class OpenAIEngine(Engine):
         """Abort what the engine is serving now: open streams are closed (the server aborts those requests) and
         requests not sent yet are not sent. Their results end with finish_reason "abort"."""
         super().stop()
-        if not self._closed:
+        if not self._closed and self._http is not None:
             self._http.loop.call_soon_threadsafe(self._cancel_all)
 
     def run(self, requests: Sequence[Request | str], record: bool = True,
@@ -490,31 +493,19 @@ class OpenAIEngine(Engine):
         return GenerationResult(prompt, text, list(reply.token_ids), finish, metrics,
                                 str(reply.error) if reply.error else "")
 
-    def generate(self, prompts: str | Sequence[str], max_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, chat: bool = True) -> list[GenerationResult]:
-        """Generate a completion for each prompt, all sent at once; one result per prompt, in order."""
-        self._check_open()
-        texts = self._check_prompts(prompts)
-        options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
+    def _generate(self, texts: list[str], options: SamplingOptions, chat: bool) -> list[GenerationResult]:
         self._check_options(options, chat)
-        items = [Request(t, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                         stop=options.stop, chat=chat) for t in texts]
+        items = [Request(t, options.max_tokens, temperature=options.temperature, top_p=options.top_p,
+                         top_k=options.top_k, seed=options.seed, stop=options.stop, chat=chat) for t in texts]
         with self._busy():
             replies, start, _ = self._serve(items, [options] * len(items), TraceRecorder.silent(len(items)), None,
                                             watch=False)
         self._raise_if_failed(replies, every=True)
         return [self._finish(t, reply, options.stop, start) for t, reply in zip(texts, replies)]
 
-    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               chat: bool = True) -> Iterator[str]:
-        """Yield the answer's text in pieces as the server sends them."""
-        self._check_open()
-        (text,) = self._check_prompts([prompt])
-        options = SamplingOptions(max_tokens, temperature, top_p, top_k, seed, stop)
+    def _stream(self, text: str, options: SamplingOptions, chat: bool) -> Iterator[str]:
         self._check_options(options, chat)
-        return self._stream_pieces(Request(text, max_tokens, chat=chat), options)
+        return self._stream_pieces(Request(text, options.max_tokens, chat=chat), options)
 
     def _stream_pieces(self, request: Request, options: SamplingOptions) -> Iterator[str]:
         texts: queue.Queue = queue.Queue()

@@ -1,12 +1,12 @@
 """DeepSpeed inference: `deepspeed.init_inference` around the Hugging Face model, then `generate` on what it wraps.
 
 Kernel injection (DeepSpeed's fused transformer kernels replacing the model's layers) needs a GPU, a model its
-policies cover with full multi-head attention, and a transformers whose decoder layers its fused layer fits (not
-transformers 5 with DeepSpeed 0.19.8, as seen on an H200): it is on by default where it can run, off elsewhere,
-and `engine.info.options["kernel_inject"]` says which and why. Tensor parallelism (DeepSpeed's AutoTP:
-attention and MLP weights split by rows/columns, an all-reduce after each split layer) needs one process per rank,
-started by a launcher (`torchrun --nproc-per-node N script.py` or `deepspeed --num_gpus N script.py`); every rank
-loads the engine with `tensor_parallel_size=N` and gets the same tokens.
+policies cover with full multi-head attention, and a transformers whose decoder layers its fused layer fits: it is
+on by default where it can run, off elsewhere, and `engine.info.options["kernel_inject"]` says which and why.
+Tensor parallelism (DeepSpeed's AutoTP: attention and MLP weights split by rows/columns, an all-reduce after each
+split layer) needs one process per rank, started by a launcher (`torchrun --nproc-per-node N script.py` or
+`deepspeed --num_gpus N script.py`); every rank loads the engine with `tensor_parallel_size=N` and gets the same
+tokens.
 Generation, batching and traces are those of the `transformers` engine (static batches, a cache that grows per step).
 """
 
@@ -17,13 +17,12 @@ from dataclasses import replace
 from importlib.metadata import version
 
 from workbench.engines.hf_common import torch_dtype
-from workbench.engines.transformers_static import TransformersEngine
+from workbench.engines.transformers import TransformersEngine
 from workbench.errors import UnsupportedOptionError
 from workbench.types import EngineInfo
 
 
 class DeepSpeedEngine(TransformersEngine):
-    name = "deepspeed"
     extra_options = ("device", "max_batch_size", "tensor_parallel_size", "kernel_inject")
 
     def _load(self) -> None:

@@ -1,0 +1,168 @@
+"""The fast layer: traces recorded from real engines (tests/data, made by tests/data/make_traces.py) read back, and
+what reads traces tested on them without loading an engine: Trace, its DataFrames and Perfetto export, the analyses,
+the figures and the views."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench.analysis import engine_state, kv_waste, kv_waste_measured, run_summary, serving_metrics
+from workbench.trace import BLOCK_USED, STATES, Trace
+from workbench.widgets import figures
+from workbench.widgets.views import BatchTimeline, KVCacheView, MemoryView, ThroughputView
+
+DATA = Path(__file__).resolve().parent / "data"
+NAMES = ["vllm_prefix_preemption", "transformers_paged", "transformers_static", "vllm_server"]
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def trace(request) -> Trace:
+    return Trace.load(DATA / f"{request.param}.jsonl")
+
+
+@pytest.fixture(scope="module")
+def preempted() -> Trace:
+    return Trace.load(DATA / "vllm_prefix_preemption.jsonl")
+
+
+def test_a_saved_trace_loads_back_equal(trace, tmp_path):
+    assert Trace.load(trace.save(tmp_path / "again.jsonl")) == trace
+    assert len(trace.results) == len(trace.requests) > 0 and trace.steps
+    assert repr(trace).startswith(f"<Trace {trace.engine} ")
+
+
+def test_steps_are_in_time_order_and_every_state_is_known(trace):
+    times = [s.time_s for s in trace.steps]
+    assert times == sorted(times)
+    assert {r.state for s in trace.steps for r in s.requests} <= set(STATES)
+
+
+def test_steps_df_counts_what_the_snapshots_hold(trace):
+    steps = trace.steps_df()
+    assert len(steps) == len(trace.steps)
+    for row, snap in zip(steps.itertuples(), trace.steps):
+        assert row.blocks_used == snap.blocks.count(BLOCK_USED)
+        assert row.running == sum(r.state in ("prefill", "decode") for r in snap.requests)
+
+
+def test_requests_df_has_a_row_per_request_with_its_result(trace):
+    requests = trace.requests_df()
+    assert list(requests["request_id"]) == [q.request_id for q in trace.requests]
+    assert list(requests["output_tokens"]) == [r.metrics.generated_tokens for r in trace.results]
+
+
+def test_the_paged_traces_block_tables_fit_their_pool(trace):
+    if not trace.facts.paged or trace.engine == "openai":
+        pytest.skip("a contiguous cache, or a server's (no block tables)")
+    for snap in trace.steps:
+        assert len(snap.blocks) == trace.facts.num_blocks
+        for r in snap.requests:
+            assert all(0 <= b < trace.facts.num_blocks for b in r.block_ids)
+            assert all(snap.blocks[b] == BLOCK_USED for b in r.block_ids), (snap.step, r)
+
+
+def test_blocks_df_names_owners_and_shared_blocks(preempted):
+    shared_steps = [i for i, s in enumerate(preempted.steps) if any(len(o) > 1 for o in s.block_owners().values())]
+    assert shared_steps  # the shared system prompt's blocks
+    blocks = preempted.blocks_df(shared_steps[0])
+    assert len(blocks) == preempted.facts.num_blocks and blocks["shared"].any()
+
+
+def test_preemption_shows_in_the_trace_and_agrees_with_vllms_counter(preempted):
+    requests = preempted.requests_df()
+    assert requests["preemptions"].sum() == preempted.engine_counters["vllm:num_preemptions"] > 0
+    assert requests["cached_tokens"].max() >= preempted.facts.block_size  # prefix cache hits on the system prompt
+
+
+def test_kv_waste_of_paging_is_below_contiguous_reservation(trace):
+    waste = kv_waste(trace).set_index("scheme")
+    contiguous = waste.iloc[0]["waste_pct"]
+    assert waste.loc["exact per sequence", "waste_pct"] == 0
+    assert waste.loc["paged, block 16", "waste_pct"] < contiguous
+    assert 0 <= kv_waste_measured(trace) < 100
+
+
+def test_run_summary_and_serving_metrics_agree(trace):
+    summary, metrics = run_summary(trace), serving_metrics(trace)
+    assert metrics["completed"] == len(trace.results) == summary["requests"]
+    assert metrics["total_output_tokens"] == summary["output_tokens"]
+    assert metrics["mean_ttft_ms"] == pytest.approx(1000 * np.mean([r.metrics.ttft_s for r in trace.results]))
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert metrics[f"p99_{name}_ms"] >= metrics[f"p90_{name}_ms"] >= metrics[f"median_{name}_ms"] >= 0
+
+
+def test_engine_state_reads_the_engines_own_figures(trace):
+    state = engine_state(trace)
+    assert state["running_max"] >= 1 and state["running_max"] >= state["running_mean"] > 0
+    if trace.engine == "vllm":
+        assert state["preemptions"] == trace.engine_counters["vllm:num_preemptions"]
+        assert 0 < state["prefix_cache_hit_rate"] < 1 and state["kv_usage_peak"] > 0.5
+    if trace.engine == "openai":  # the server's own gauges and its iteration histogram
+        assert state["tokens_per_step"] == pytest.approx(
+            trace.engine_counters["step_tokens_sum"] / trace.engine_counters["step_tokens_count"])
+
+
+def test_the_servers_histograms_grew_by_its_answers(trace):
+    if trace.engine != "openai":
+        pytest.skip("a server's trace")
+    counters = trace.engine_counters
+    assert counters["ttft_count"] == counters["e2el_count"] == len(trace.results)
+    assert counters["generation_tokens"] == sum(r.metrics.generated_tokens for r in trace.results)
+    assert serving_metrics(trace)["engine_mean_ttft_ms"] == pytest.approx(
+        1000 * counters["ttft_sum"] / counters["ttft_count"])
+
+
+def test_perfetto_export_has_a_track_per_request(trace, tmp_path):
+    events = json.loads(trace.to_perfetto(tmp_path / "t.json").read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert tracks == {q.request_id for q in trace.requests}
+    slices = [e for e in events if e["ph"] == "X"]
+    assert slices and all(e["dur"] >= 0 and e["name"] in STATES for e in slices)
+    assert {"waiting", "running"} <= {e["name"] for e in events if e["ph"] == "C"}
+
+
+def test_timeline_matrix_places_every_request_at_every_step(trace):
+    names, steps, z = figures.timeline_matrix(trace)
+    assert names == [q.request_id for q in trace.requests] and len(steps) == len(trace.steps)
+    for column, snap in enumerate(trace.steps):
+        for r in snap.requests:
+            assert z[names.index(r.request_id)][column] == figures.STATE_CODES[r.state]
+
+
+def test_kv_cache_points_and_block_tables_agree_with_the_snapshot(trace):
+    if not trace.facts.paged or trace.engine == "openai":
+        pytest.skip("no block tables")
+    step = max(range(len(trace.steps)), key=lambda i: trace.steps[i].blocks_used)
+    snap = trace.steps[step]
+    points = figures.kv_cache_points(trace, step)
+    owners = snap.block_owners()
+    assert {p["block"]: p["owners"] for p in points if p["owners"]} == owners
+    busiest = max(snap.requests, key=lambda r: len(r.block_ids))
+    table = figures.block_table(trace, busiest.request_id, step)
+    assert [row["physical"] for row in table] == list(busiest.block_ids)
+
+
+def test_every_figure_draws(trace):
+    for draw in (figures.kv_cache_figure, figures.batch_timeline_figure, figures.memory_figure,
+                 figures.throughput_figure):
+        figure = draw(trace)
+        assert figure.data and figure.layout.title.text
+    assert len(figures.replay_figure(figures.kv_cache_figure, trace, max_frames=5).frames) <= 5
+
+
+def test_memory_series_stacks_what_the_snapshots_hold(trace):
+    series = figures.memory_series(trace)
+    steps = trace.steps_df()
+    assert np.allclose(series["KV in use"], steps["kv_used_bytes"])
+    assert np.allclose(series["weights"], steps["weights_bytes"])
+
+
+def test_views_show_a_saved_trace_and_move_between_steps(trace):
+    for view in (KVCacheView(trace), BatchTimeline(trace), MemoryView(trace), ThroughputView(trace)):
+        assert view.figure().data
+        view.show(trace, step=0)
+        view.show(trace, step=-1)

@@ -1,0 +1,221 @@
+"""HF Transformers `generate`: static batches, left padding, one contiguous KV cache per sequence.
+
+Every sequence of a batch steps together until the longest one finishes, which is what the paged and continuously
+batching engines improve on. `generate` runs a batch in a worker thread; a stopping criterion, called once per
+decoding step, hands that step's tokens to the run loop, ends each row when its request is done, and snapshots the
+batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import replace
+
+from workbench.engines.arrivals import RunClock
+from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
+from workbench.engines.interface import first_stop
+from workbench.engines.local import LocalEngine, Session, StepOutput
+from workbench.errors import WorkbenchError
+from workbench.sysmem import device_memory, process_memory
+from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
+from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
+
+
+class TransformersEngine(LocalEngine):
+    extra_options = ("device", "max_batch_size", "attn_implementation")
+
+    def _load(self) -> None:
+        self.device = pick_device(self.options.get("device"))
+        kwargs = {}
+        if self.options.get("attn_implementation"):
+            kwargs["attn_implementation"] = self.options["attn_implementation"]
+        self.hf_model = load_causal_lm(self.model.path, self.dtype, self.device, **kwargs)
+        self.eos_ids = eos_token_ids(self.hf_model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def _info(self) -> EngineInfo:
+        return hf_info(self.name, self.hf_model, self.model, self.dtype, self.device, self.max_model_len, self.options)
+
+    def _release(self) -> None:
+        del self.hf_model
+
+    def _cache_facts(self) -> CacheFacts:
+        return self._layout(paged=False, block_size=1, num_blocks=0)  # contiguous: a "block" is one token slot
+
+    def _measure_kv_cache(self) -> KVCacheMeasurement:
+        # `generate` keeps no cache between calls: measure the one a prefill builds, as generate's first step does.
+        import torch
+
+        tokens = 16
+        ids = torch.full((1, tokens), self.pad_id, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            cache = self.hf_model(input_ids=ids, use_cache=True).past_key_values
+        tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return KVCacheMeasurement(sum(t.nbytes for t in tensors), tokens,
+                                  f"{type(cache).__name__} after a {tokens}-token prefill ({len(tensors)} tensors)")
+
+    def _open_session(self, prompts: list[list[int]], options: list[SamplingOptions], clock: RunClock,
+                      recorder: TraceRecorder, streaming: bool) -> Session:
+        return _StaticBatches(self, prompts, options, clock, recorder)
+
+    def _batch_inputs(self, prompts: list[list[int]]):
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        return ids.to(self.device), mask.to(self.device), width
+
+
+class _StaticBatches(Session):
+    """Static batching: the requests waiting when a batch starts run together in one `generate` call until every
+    row is done; requests submitted meanwhile wait for the next batch. A batch shares the first row's sampling
+    settings."""
+
+    def __init__(self, engine: TransformersEngine, prompts: list[list[int]], options: list[SamplingOptions],
+                 clock: RunClock, recorder: TraceRecorder) -> None:
+        self.engine, self.prompts, self.options, self.clock, self.recorder = engine, prompts, options, clock, recorder
+        self.size = engine.options.get("max_batch_size") or len(prompts)
+        self.waiting: list[int] = []
+        self.lock = threading.Lock()  # the batch's thread reads the waiting list for its snapshots
+        self.events: queue.Queue = queue.Queue()
+        self.worker: threading.Thread | None = None
+        self.abort_batch = threading.Event()
+        self.step_index = 0
+
+    def submit(self, i: int, prompt: list[int], options: SamplingOptions) -> None:
+        with self.lock:
+            self.waiting.append(i)
+
+    def step(self) -> StepOutput:
+        if self.worker is None:
+            with self.lock:
+                batch, self.waiting = self.waiting[: self.size], self.waiting[self.size:]
+            self.abort_batch.clear()
+            self.worker = threading.Thread(target=self._generate, args=(batch,), daemon=True,
+                                           name="workbench-transformers-batch")
+            self.worker.start()
+        event = self.events.get()
+        if isinstance(event, _BatchEnd):  # `generate` returned: rows it ended without our criterion end here
+            self.worker.join()
+            self.worker = None
+            if event.error is not None:
+                raise event.error
+            return event.leftover
+        return event
+
+    def abort(self, indexes: list[int]) -> None:
+        with self.lock:
+            self.waiting = [i for i in self.waiting if i not in indexes]
+        self.abort_batch.set()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.abort_batch.set()  # the criterion ends `generate` at its next step
+            self.worker.join()
+            self.worker = None
+
+    def _generate(self, batch: list[int]) -> None:
+        import torch
+
+        engine = self.engine
+        criterion = _BatchSteps(self, batch)
+        try:
+            ids, mask, criterion.width = engine._batch_inputs([self.prompts[i] for i in batch])
+            first = self.options[batch[0]]
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
+            config = generation_config(replace(first, stop=()), engine.eos_ids, engine.pad_id,
+                                       max(self.options[i].max_tokens for i in batch))
+            with torch.inference_mode():
+                engine.hf_model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[criterion],
+                                         generation_config=config)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - raised in the loop's thread
+            error = exc if isinstance(exc, WorkbenchError) else WorkbenchError(
+                f"transformers generate failed: {type(exc).__name__}: {exc}")
+        # rows `generate` ended itself (its own end-of-sequence check), or that a stop cut short
+        reason = "abort" if self.abort_batch.is_set() or engine.stopping else "stop"
+        leftover = StepOutput(finished={i: reason for i in batch if i not in criterion.finished_at})
+        self.events.put(_BatchEnd(leftover, error))
+
+
+class _BatchEnd:
+    def __init__(self, leftover: StepOutput, error: BaseException | None) -> None:
+        self.leftover, self.error = leftover, error
+
+
+class _BatchSteps:
+    """A stopping criterion called by `generate` after each decoding step: it hands the step's tokens over, ends each
+    row when its request is done (end of sequence, max_tokens, a stop string), and snapshots the batch.
+
+    The cache is contiguous: every row holds the batch's padded width plus one slot per step, so left padding and
+    the steps a finished row keeps riding along are counted as padding (waste).
+    """
+
+    def __init__(self, batches: _StaticBatches, batch: list[int]) -> None:
+        self.batches, self.batch = batches, batch
+        self.width = 0
+        self.generated: dict[int, list[int]] = {i: [] for i in batch}
+        self.finished_at: dict[int, int] = {}  # request index -> the step it ended at
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        batches, engine = self.batches, self.batches.engine
+        now = batches.clock.now()
+        k = input_ids.shape[1] - self.width  # tokens generated so far
+        last = input_ids[:, -1].tolist()
+        out = StepOutput()
+        for row, i in enumerate(self.batch):
+            if i in self.finished_at:
+                continue
+            token = last[row]
+            self.generated[i].append(token)
+            out.tokens[i], out.times[i] = [token], [now]
+            reason = self._done(i, token, k)
+            if reason is not None:
+                self.finished_at[i] = k
+                out.finished[i] = reason
+        if batches.recorder.wanted:
+            batches.recorder.add(self._snapshot(k, now))
+        batches.step_index += 1
+        batches.events.put(out)
+        stop_all = batches.abort_batch.is_set() or engine.stopping
+        done = [stop_all or i in self.finished_at for i in self.batch]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _done(self, i: int, token: int, k: int) -> str | None:
+        options, engine = self.batches.options[i], self.batches.engine
+        if not options.ignore_eos and token in engine.eos_ids:
+            return "stop"
+        if options.stop and first_stop(engine.tokenizer.decode(self.generated[i]), options.stop) is not None:
+            return "stop"
+        return "length" if k >= options.max_tokens else None
+
+    def _snapshot(self, k: int, now: float) -> StepSnapshot:
+        batches = self.batches
+        facts, recorder = batches.recorder.trace.facts, batches.recorder
+        snaps, real_tokens = [], 0
+        for i in self.batch:
+            done_at = self.finished_at.get(i)
+            produced = min(k, done_at if done_at is not None else k)
+            state = "finished" if done_at is not None else "prefill" if k == 1 else "decode"
+            prompt = len(batches.prompts[i])
+            padding = (self.width - prompt) + (k - done_at if done_at is not None else 0)
+            real_tokens += prompt + min(produced, k - 1)  # the newest token has no KV yet
+            snaps.append(recorder.dedupe(RequestSnapshot(
+                recorder.names[i], state, self.width if k == 1 else 1, self.width + k - 1, produced, (), 0, padding)))
+        with batches.lock:
+            waiting = list(batches.waiting)
+        for i in waiting:
+            snaps.append(recorder.dedupe(RequestSnapshot(recorder.names[i], "waiting", 0, 0, 0, (), 0)))
+        slots = len(self.batch) * (self.width + k - 1)
+        memory = MemorySnapshot(facts.weight_bytes, slots * facts.bytes_per_token, real_tokens * facts.bytes_per_token,
+                                *process_memory(), *device_memory(batches.engine.device))
+        return StepSnapshot(batches.step_index, now, tuple(snaps), "", memory,
+                            {"batch_rows": len(self.batch), "padded_width": self.width})
