@@ -45,12 +45,17 @@ class Session(ABC):
       releases it (it arrived and, in a closed loop, a slot is free). It must not wait for the engine's work.
     - `step()`: let the engine take one scheduler step, or, where the engine steps in its own thread, wait a short
       while for what it produced; return the new tokens, the requests that finished and why. Called only while a
-      submitted request is unfinished; an empty `StepOutput` is fine.
+      submitted request is unfinished; an empty `StepOutput` is fine. An engine that takes several steps in one
+      call (a static batch's `generate`) calls `self.admit()` between them, so that requests arriving meanwhile
+      are submitted on time.
     - `snapshot(step, now)`: the engine's state after the step just taken, read from the engine itself, or None
       where the engine's own thread hands its snapshots to the recorder.
     - `abort(indexes)`: cancel these unfinished requests in the engine, which stays usable.
     - `close()`: end the run and release what it set up; called once, however the run ended.
     """
+
+    #: releases and submits the requests that arrived since the last call (set by the loop)
+    admit: Callable[[], None] = staticmethod(lambda: None)
 
     @abstractmethod
     def submit(self, i: int, prompt: list[int], options: SamplingOptions) -> None: ...
@@ -78,15 +83,20 @@ def steps(session: Session, prompts: list[list[int]], options: list[SamplingOpti
     live: set[int] = set()
     done: set[int] = set()
     step = 0
+
+    def admit() -> None:
+        for i in clock.arrived():
+            session.submit(i, prompts[i], options[i])
+            live.add(i)
+
+    session.admit = admit
     try:
         while len(done) < len(prompts):
             if stopping():
                 for i in set(range(len(prompts))) - done:
                     outputs[i].finish_reason = "abort"
                 break
-            for i in clock.arrived():
-                session.submit(i, prompts[i], options[i])
-                live.add(i)
+            admit()
             if not live:  # nothing in flight: wait for the next arrival
                 clock.wait_for_next()
                 continue
