@@ -92,7 +92,7 @@ def main() -> None:
 
     rows = []
     for name in args.engines:
-        engine = wb.load(name, model=args.model, **options)
+        engine = wb.load(name, model=args.model, isolate=False, **options)  # the direct calls need its internals
         prompt_ids = [engine._encode(p, chat=True) for p in PROMPTS]
         engine.generate(PROMPTS[:2], max_tokens=4, temperature=0)  # warm up both paths' first-call costs
         best = {"workbench": 0.0, "direct": 0.0}

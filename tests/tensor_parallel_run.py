@@ -33,6 +33,6 @@ if __name__ == "__main__":
     options = {"tensor_parallel_size": size} if size > 1 else {}
     if engine_name == "vllm":
         options.update({"max_model_len": 512, **({"distributed_executor_backend": "mp"} if size > 1 else {})})
-    with wb.load(engine_name, model="tiny-llama", **options) as engine:
+    with wb.load(engine_name, model="tiny-llama", isolate=False, **options) as engine:  # its internals are read
         tokens = [r.token_ids for r in engine.generate(PROMPTS, max_tokens=8, temperature=0, chat=False)]
         print(json.dumps({"tokens": tokens, **_layout(engine)}), flush=True)

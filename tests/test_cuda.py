@@ -7,6 +7,7 @@ engines agree with each other, not what they say).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -15,6 +16,8 @@ import workbench as wb
 from workbench.analysis import run_summary
 from workbench.memory import measure_memory
 from workbench.workload import make_workload
+
+load = functools.partial(wb.load, isolate=False)  # in this process: the tests read the engines' internals
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA is not available)")
@@ -36,12 +39,12 @@ def last_logits(engine: wb.Engine):
 
 @pytest.fixture(scope="module")
 def cpu_tokens() -> list[list[int]]:
-    with wb.load("transformers", model=MODEL, device="cpu") as engine:
+    with load("transformers", model=MODEL, device="cpu") as engine:
         return greedy(engine)
 
 
 def test_transformers_on_cuda_gives_the_cpu_tokens_and_gpu_memory_figures(cpu_tokens):
-    with wb.load("transformers", model=MODEL, device="cuda") as engine:
+    with load("transformers", model=MODEL, device="cuda") as engine:
         assert engine.info.device.startswith("cuda")
         assert greedy(engine) == cpu_tokens  # float32 on both: the same greedy path
         trace = engine.run(make_workload(n=4, prompt_words=(8, 24), output_tokens=(8, 16), seed=1))
@@ -55,11 +58,23 @@ def test_transformers_on_cuda_gives_the_cpu_tokens_and_gpu_memory_figures(cpu_to
 
 
 def test_transformers_paged_on_cuda_gives_the_same_tokens_and_a_block_map(cpu_tokens):
-    with wb.load("transformers-paged", model=MODEL, device="cuda", num_blocks=256, block_size=16) as engine:
+    with load("transformers-paged", model=MODEL, device="cuda", num_blocks=256, block_size=16) as engine:
         assert greedy(engine) == cpu_tokens
         trace = engine.run(make_workload(n=6, prompt_words=(8, 24), output_tokens=(8, 16), seed=2))
     assert max(s.blocks.count("u") for s in trace.steps) > 0
     assert all(s.memory.device_allocated_bytes > s.memory.kv_reserved_bytes for s in trace.steps)
+
+
+def test_an_engine_in_its_worker_gives_the_gpu_back_when_closed(cpu_tokens):
+    from workbench.engines.host import gpu_memory_used
+
+    before = gpu_memory_used()
+    engine = wb.load("transformers-paged", model=MODEL, device="cuda", num_blocks=256, block_size=16)
+    assert greedy(engine) == cpu_tokens
+    assert gpu_memory_used() > before  # the worker's CUDA context, weights and cache
+    report = engine.close()
+    assert report.gpu_used_before_load == before and report.worker_exit_code == 0
+    assert report.gpu_used_after_close <= before + (64 << 20), report  # all of it came back
 
 
 def test_measure_memory_on_cuda_counts_the_weights_in_gpu_memory():
@@ -73,18 +88,18 @@ def test_measure_memory_on_cuda_counts_the_weights_in_gpu_memory():
 
 @needs_deepspeed
 def test_deepspeed_without_injection_on_cuda_gives_the_transformers_tokens(cpu_tokens):
-    with wb.load("deepspeed", model=MODEL, device="cuda", kernel_inject=False) as engine:
+    with load("deepspeed", model=MODEL, device="cuda", kernel_inject=False) as engine:
         assert engine.info.options["kernel_inject"] == "off (asked)"
         assert greedy(engine) == cpu_tokens
 
 
 @needs_deepspeed
 def test_deepspeed_on_cuda_leaves_injection_off_for_grouped_query_attention():
-    with wb.load("deepspeed", model=MODEL, device="cuda", dtype="float16") as engine:  # tiny-llama: 4 heads, 2 KV
+    with load("deepspeed", model=MODEL, device="cuda", dtype="float16") as engine:  # tiny-llama: 4 heads, 2 KV
         assert "grouped-query" in engine.info.options["kernel_inject"]
         assert type(engine.hf_model.model.layers[0]).__name__ == "LlamaDecoderLayer"
     with pytest.raises(wb.UnsupportedOptionError, match="grouped-query"):
-        wb.load("deepspeed", model=MODEL, device="cuda", kernel_inject=True)
+        load("deepspeed", model=MODEL, device="cuda", kernel_inject=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,14 +129,14 @@ def test_deepspeed_kernel_injection_on_cuda_replaces_the_layers_or_says_why_not(
     blocker = injection_blocker(AutoConfig.from_pretrained(multi_head_llama))
     if blocker:  # DeepSpeed 0.19.8 under transformers 5: refused up front, rather than failing in the second layer
         with pytest.raises(wb.UnsupportedOptionError, match="do not fit transformers"):
-            wb.load("deepspeed", model=multi_head_llama, device="cuda", dtype="float16", kernel_inject=True)
-        with wb.load("deepspeed", model=multi_head_llama, device="cuda", dtype="float16") as engine:
+            load("deepspeed", model=multi_head_llama, device="cuda", dtype="float16", kernel_inject=True)
+        with load("deepspeed", model=multi_head_llama, device="cuda", dtype="float16") as engine:
             assert engine.info.options["kernel_inject"] == f"off: {blocker}"
             assert len(greedy(engine)[0]) == 12
         return
-    with wb.load("transformers", model=multi_head_llama, device="cuda", dtype="float16") as engine:
+    with load("transformers", model=multi_head_llama, device="cuda", dtype="float16") as engine:
         reference = {"tokens": greedy(engine), "logits": last_logits(engine)}
-    with wb.load("deepspeed", model=multi_head_llama, device="cuda", dtype="float16") as engine:
+    with load("deepspeed", model=multi_head_llama, device="cuda", dtype="float16") as engine:
         assert engine.info.options["kernel_inject"].startswith("fused")  # the default on a GPU, for this model
         layer = type(engine.hf_model.model.layers[0]).__name__
         assert layer.startswith("DeepSpeed"), layer  # DeepSpeed's fused transformer layer, not LlamaDecoderLayer

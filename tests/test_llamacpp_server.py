@@ -35,7 +35,9 @@ def remote(server):
 def test_answers_and_streams_with_the_same_chat_prompt(remote, load_shared):
     result = remote.generate(QUESTION, max_tokens=16, temperature=0)[0]
     # The GGUF's own chat template gives the prompt the workbench's engines build, token for token in count...
-    assert result.metrics.prompt_tokens == len(load_shared("transformers")._encode(QUESTION, chat=True))
+    chat = load_shared("transformers").tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert result.metrics.prompt_tokens == len(chat)
     assert result.metrics.generated_tokens == 16 and result.finish_reason == "length"
     # ...but not the float32 engines' answer: its Q4_1 kernels put "L" (log-prob -1.85) just above "The" (-2.09)
     assert result.text.startswith("L")

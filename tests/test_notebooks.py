@@ -47,6 +47,7 @@ def test_continuous_batching_notebook(notebook_report):
     assert results["max_running"]["transformers-paged"] > 1  # requests really ran together
     limits = results["ttft_by_batch_limit"]
     assert limits["2"] > limits["8"]  # a tight cap keeps arrivals waiting
+    assert results["side_by_side"] == ["transformers", "transformers-paged"]
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
 

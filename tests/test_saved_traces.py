@@ -13,6 +13,7 @@ import pytest
 from workbench.analysis import engine_state, kv_waste, kv_waste_measured, run_summary, serving_metrics
 from workbench.trace import BLOCK_USED, STATES, Trace
 from workbench.widgets import figures
+from workbench.widgets.replay import Replay
 from workbench.widgets.views import BatchTimeline, KVCacheView, MemoryView, ThroughputView
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -166,3 +167,30 @@ def test_views_show_a_saved_trace_and_move_between_steps(trace):
         assert view.figure().data
         view.show(trace, step=0)
         view.show(trace, step=-1)
+
+
+def test_replay_of_two_traces_shows_each_as_it_was_at_the_sliders_time():
+    paged, static = (Trace.load(DATA / f"{name}.jsonl") for name in ("transformers_paged", "transformers_static"))
+    replay = Replay([paged, static])
+    assert len(replay.columns) == 2 and replay.slider.description == "time"
+    times = sorted({s.time_s for t in (paged, static) for s in t.steps})
+    assert replay.slider.max == len(times) - 1
+    for index in (0, len(times) // 2, len(times) - 1):
+        replay.slider.value = index
+        for trace, column in zip((paged, static), replay.columns):
+            shown = sum(s.time_s <= times[index] for s in trace.steps)  # steps taken by then, at least the first
+            timeline = column[1]
+            assert len(timeline.figure_widget.data[0].x) == max(1, shown)
+    replay.load(paged)  # back to one trace: by step
+    assert replay.slider.description == "step" and replay.slider.max == len(paged.steps) - 1
+
+
+def test_request_spans_put_each_engines_requests_on_one_time_axis():
+    paged, static = (Trace.load(DATA / f"{name}.jsonl") for name in ("transformers_paged", "transformers_static"))
+    figure = figures.request_spans_figure({"paged": paged, "static": static})
+    assert len(figure.data) == 4  # waiting and generating, per engine
+    generating = figure.data[1]
+    first, results = paged.requests, paged.results
+    expected = [q.arrival_s + r.metrics.queue_s + r.metrics.ttft_s for q, r in zip(first, results)]
+    assert np.allclose(generating.base, expected)
+    assert np.allclose(generating.x, [r.metrics.total_s - r.metrics.ttft_s for r in results])

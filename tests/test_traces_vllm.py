@@ -20,7 +20,9 @@ SYSTEM = ("You are a patient teacher of computer systems. You explain how infere
 @pytest.fixture(scope="module")
 def small_cache():
     """vLLM with 20 blocks of 32 tokens: small enough for 8 requests x 150 tokens to force preemption."""
-    with wb.load("vllm", model="smollm2-135m", num_blocks=20, block_size=32, max_model_len=512) as engine:
+    # in this process: a test below reads vLLM's block pool itself
+    with wb.load("vllm", model="smollm2-135m", num_blocks=20, block_size=32, max_model_len=512,
+                 isolate=False) as engine:
         yield engine
 
 

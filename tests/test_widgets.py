@@ -271,3 +271,29 @@ def test_workbench_picks_the_best_in_process_engine_and_lists_no_server_engines(
     installed = {s.name for s in wb.engines() if s.installed}
     assert bench.engine_picker.value == ("vllm" if "vllm" in installed else "transformers-paged")
     assert not {"openai", "tgi"} & {value for _, value in bench.engine_picker.options}
+
+
+def test_workbench_compares_two_engines_on_the_same_requests():
+    bench = Workbench(engine="transformers", model="tiny-llama")
+    bench.compare_picker.value = "transformers-paged"
+    bench.load()
+    bench.wait(300)
+    assert bench.engine is not None and bench.other is not None, bench.load_status.value
+    assert bench.engine.process.pid != bench.other.process.pid  # each in a process of its own
+    assert "beside it transformers-paged" in bench.load_status.value
+    bench.input_mode.value = "workload"
+    bench.requests.value, bench.output_tokens.value = 3, (8, 8)
+    bench.run()
+    bench.wait(300)
+    first, second = bench.trace, bench.other_trace
+    assert first is not None and second is not None, bench.run_status.value
+    assert (first.engine, second.engine) == ("transformers", "transformers-paged")
+    assert [q.request_id for q in first.requests] == [q.request_id for q in second.requests]
+    # the same tiny weights, greedy or seeded: both engines give every request the same tokens
+    assert [r.token_ids for r in first.results] == [r.token_ids for r in second.results]
+    assert "transformers: " in bench.run_status.value and "transformers-paged: " in bench.run_status.value
+    assert len(bench.replay.columns) == 2 and bench.replay.slider.description == "time"
+    processes = (bench.engine.process, bench.other.process)
+    bench.unload()
+    assert bench.engine is None and bench.other is None
+    assert all(process.poll() is not None for process in processes)

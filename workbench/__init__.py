@@ -12,6 +12,7 @@ from __future__ import annotations
 from workbench.engines import EngineStatus, accepted_options, engine_statuses, load
 from workbench.engines.interface import Engine
 from workbench.errors import (
+    EngineCrashedError,
     EngineNotInstalledError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -41,8 +42,8 @@ def engines() -> list[EngineStatus]:
 
 
 __all__ = [
-    "DEFAULT_MODEL", "Engine", "EngineInfo", "EngineNotInstalledError", "EngineStatus", "GenerationResult",
-    "InvalidRequestError", "KVCacheMeasurement", "ModelNotFoundError", "RequestMetrics", "SamplingOptions",
-    "UnknownEngineError", "UnsupportedOptionError", "WorkbenchError", "engine_options", "engines", "list_models",
-    "load", "resolve_model", "sweep",
+    "DEFAULT_MODEL", "Engine", "EngineCrashedError", "EngineInfo", "EngineNotInstalledError", "EngineStatus",
+    "GenerationResult", "InvalidRequestError", "KVCacheMeasurement", "ModelNotFoundError", "RequestMetrics",
+    "SamplingOptions", "UnknownEngineError", "UnsupportedOptionError", "WorkbenchError", "engine_options", "engines",
+    "list_models", "load", "resolve_model", "sweep",
 ]

@@ -29,3 +29,7 @@ class InvalidRequestError(WorkbenchError, ValueError):
 
 class UnsupportedOptionError(WorkbenchError, ValueError):
     """An engine option this engine or this machine cannot honour (for example bfloat16 on a CPU without it)."""
+
+
+class EngineCrashedError(WorkbenchError):
+    """An engine's worker process ended while serving (a signal, the out-of-memory killer, a native crash)."""

@@ -14,6 +14,13 @@ from pathlib import Path
 ENGINE_LOGGERS = ("vllm", "transformers", "ContinuousBatchingLogger", "DeepSpeed", "deepspeed", "torch",
                   "accelerate", "tensorrt_llm", "py.warnings")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_current: Path | None = None  # where this process sends engine log records, once told
+
+
+def engine_log() -> Path | None:
+    """The file `log_engines_to` sends this process's engine log records to, if it was called (engine workers
+    started from here write theirs there too)."""
+    return _current
 
 
 def log_engines_to(path: str | Path, native: bool = True) -> Path:
@@ -24,8 +31,10 @@ def log_engines_to(path: str | Path, native: bool = True) -> Path:
     vLLM configures its own logging when first imported, unless told not to: this tells it (for an engine loaded
     later) and takes over the loggers already configured.
     """
+    global _current
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _current = path
     os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FORMAT))

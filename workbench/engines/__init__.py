@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.errors import EngineNotInstalledError, UnknownEngineError
+from workbench.errors import EngineNotInstalledError, UnknownEngineError, UnsupportedOptionError
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def accepted_options(name: str) -> tuple[str, ...]:
     return ("dtype", "max_model_len", *adapter_class(name).extra_options)
 
 
-def load(engine: str, model: str | None = None, **options: Any):
+def load(engine: str, model: str | None = None, isolate: bool = True, **options: Any):
     """Load `model` in `engine` and return the engine, ready to generate.
 
     `model` is an alias (see `workbench.list_models()`, default the bundled SmolLM2), a local Hugging Face folder or
@@ -121,6 +121,10 @@ def load(engine: str, model: str | None = None, **options: Any):
     `options` go to the engine: `dtype`, `max_model_len`, and the engine's own (for vLLM: `block_size`,
     `num_blocks`, `enable_prefix_caching`, `max_batch_size`, `kv_cache_gb`, ...; for `openai`: `url`,
     `api_key_env`, `timeout_s`).
+
+    An engine runs in a worker process of its own (`engines/host.py`): a crash there is an error here, and `close()`
+    gives all its memory back. `isolate=False` loads it into this process instead (its internals are then at hand,
+    for debugging, or where a process cannot be started).
 
     >>> with wb.load("transformers", model="tiny-llama") as e:           # doctest: +SKIP
     ...     e.generate("Hello", max_tokens=4)
@@ -133,4 +137,13 @@ def load(engine: str, model: str | None = None, **options: Any):
         remote = cls(model, **options)
         remote.connect()
         return remote
-    return cls(resolve_model(model or DEFAULT_MODEL), **options)
+    unknown = sorted(set(options) - {"dtype", "max_model_len", *cls.extra_options})
+    if unknown:  # before a process is started for nothing
+        accepted = ", ".join(("dtype", "max_model_len", *cls.extra_options))
+        raise UnsupportedOptionError(f"engine {engine!r} has no option {', '.join(unknown)}; it accepts {accepted}.")
+    resolved = resolve_model(model or DEFAULT_MODEL)
+    if isolate:
+        from workbench.engines.host import EngineProxy
+
+        return EngineProxy(cls, resolved, options)
+    return cls(resolved, **options)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from workbench.errors import InvalidRequestError, WorkbenchError
-from workbench.memory import kv_bytes_per_token, kv_shape
+from workbench.kv_sizes import kv_bytes_per_token, kv_shape
 from workbench.trace import CacheFacts, StepSnapshot, Trace
 from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, SamplingOptions
 from workbench.workload import Request, arrival_times, as_requests, with_arrivals

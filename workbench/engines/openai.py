@@ -31,7 +31,7 @@ from workbench.engines.http_streams import HTTPStatusError, Stamps, StreamClient
 from workbench.engines.interface import Engine, final_pieces, first_stop
 from workbench.engines.server_metrics import MetricsPoller, ServerSample, read_metrics
 from workbench.errors import InvalidRequestError, UnsupportedOptionError, WorkbenchError
-from workbench.memory import bytes_per_element, kv_shape
+from workbench.kv_sizes import bytes_per_element, kv_shape
 from workbench.trace import (
     BLOCK_FREE,
     BLOCK_USED,

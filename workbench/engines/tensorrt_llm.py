@@ -24,7 +24,7 @@ from typing import Any
 from workbench.engines.arrivals import RunClock
 from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
-from workbench.memory import bytes_per_element
+from workbench.kv_sizes import bytes_per_element
 from workbench.models import ResolvedModel
 from workbench.sysmem import process_memory
 from workbench.trace import BLOCK_FREE, BLOCK_USED, CacheFacts, MemorySnapshot, StepSnapshot, TraceRecorder

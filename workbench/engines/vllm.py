@@ -15,7 +15,7 @@ from pathlib import Path
 from workbench.engines.arrivals import RunClock
 from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
-from workbench.memory import bytes_per_element
+from workbench.kv_sizes import bytes_per_element
 from workbench.sysmem import process_memory
 from workbench.trace import (
     BLOCK_CACHED,
@@ -33,6 +33,8 @@ from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
 # vLLM reads these when it is imported: they must be set before.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+# vLLM on CPU otherwise pins torch to one thread "for serving"; a notebook wants every core.
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
@@ -94,6 +96,20 @@ def cpu_supports(dtype: str) -> bool:
     return any(f" {flag}" in flags for flag in needed)
 
 
+def _check_cpu_attention(config) -> None:
+    """Refuse a model whose attention head size vLLM's CPU attention has no kernel for: loading it would end in a
+    `RuntimeError: Unsupported CPU attention configuration` from inside vLLM's native code, after the weights."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from workbench.kv_sizes import kv_shape
+
+    head_dim = kv_shape(config, "float32")[2]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in sizes:
+        raise UnsupportedOptionError(f"vLLM's CPU attention has no kernel for this model's head size {head_dim} "
+                                     f"(it has {', '.join(map(str, sizes))}): use the transformers engines for it.")
+
+
 def cpu_shares(ranks: int) -> str:
     """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` workers: this process's cores split into that many groups ("0|1",
     "0-3|4-7"); with fewer cores than workers, workers share cores."""
@@ -119,8 +135,8 @@ class VLLMEngine(LocalEngine):
         if current_platform.is_cpu() and not cpu_supports(self.dtype):
             raise UnsupportedOptionError(f"vLLM cannot run {self.dtype} on this CPU (it lacks the AVX-512 "
                                          f"instructions for it): use dtype='float32'.")
-        # vLLM on CPU otherwise pins torch to one thread "for serving"; a notebook wants every core.
-        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        if current_platform.is_cpu():
+            _check_cpu_attention(self.config)
         options = self.options
         ranks = int(options.get("tensor_parallel_size") or 1) * int(options.get("pipeline_parallel_size") or 1)
         if current_platform.is_cpu() and ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:

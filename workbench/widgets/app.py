@@ -1,11 +1,14 @@
 """The Workbench: one widget to load a model in an engine, send a prompt or a workload, and watch the engine work.
 
 Loading and generation run off the kernel's main thread, so other cells still run meanwhile; the views redraw
-live from the engine's trace, and afterwards a slider replays the run step by step.
+live from the engine's trace, and afterwards a slider replays the run step by step. In compare mode a second engine
+is loaded beside the first (each in its own process), the same requests run on both at once, and every view shows
+the two side by side on one time axis.
 
 >>> from workbench.widgets import Workbench
 >>> bench = Workbench(); bench                     # press Load, then Run        # doctest: +SKIP
 >>> bench.load("vllm", "smollm2-135m"); bench.run(); bench.wait()               # the same, from code  # doctest: +SKIP
+>>> bench.compare_picker.value = "transformers"; bench.load(); bench.run()      # side by side        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ class Workbench:
 
     def __init__(self, engine: str | None = None, model: str = workbench.DEFAULT_MODEL, fps: float = 10.0) -> None:
         self.engine: workbench.Engine | None = None
+        self.other: workbench.Engine | None = None  # compare mode's second engine
         self.trace: Trace | None = None
+        self.other_trace: Trace | None = None
         self.texts: dict[int, str] = {}
         self.error: str = ""
         self.fps = fps
@@ -58,6 +63,8 @@ class Workbench:
             description="engine", value=engine or best,
             options=[(s.name if s.installed else f"{s.name} (not installed)", s.name) for s in statuses])
         self.engine_note = widgets.HTML()
+        self.compare_picker = widgets.Dropdown(description="compare with", value="",
+                                               options=[("none", ""), *((name, name) for name in installed)])
         self.model_picker = widgets.Combobox(description="model", value=model, placeholder="alias or folder",
                                              options=list(workbench.list_models()), ensure_option=False)
         self.dtype = widgets.Dropdown(description="dtype", options=["float32", "bfloat16", "float16"])
@@ -104,8 +111,13 @@ class Workbench:
 
         self.replay = Replay()
         self.views = self.replay.views
-        self.tabs = tabs = widgets.Tab([view.widget for view in self.views],
+        # compare mode's column is built now and hidden: a plotly widget moved to a new parent later is drawn
+        # afresh in the browser, without the frames sent to it since
+        self.replay.columns.append([type(view)() for view in self.views])
+        self.tabs = tabs = widgets.Tab([widgets.HBox([first.widget, second.widget])
+                                        for first, second in zip(*self.replay.columns)],
                                        titles=("KV cache", "Batching timeline", "Memory", "Throughput"))
+        self._show_columns(1)
         self.tabs.observe(lambda change: self._draw_selected_tab(), names="selected_index")
 
         options_box = widgets.VBox([
@@ -113,7 +125,7 @@ class Workbench:
             widgets.HBox([self.block_size, self.max_batch_size, self.enable_prefix_caching])])
         self.widget = widgets.VBox([
             widgets.HTML("<b>Engine</b>"),
-            widgets.HBox([self.engine_picker, self.model_picker]), self.engine_note, options_box,
+            widgets.HBox([self.engine_picker, self.model_picker, self.compare_picker]), self.engine_note, options_box,
             widgets.HBox([self.load_button, self.unload_button, self.load_progress, self.load_status]),
             widgets.HTML("<b>Requests</b>"), self.input_mode, self.inputs,
             widgets.HBox([self.max_tokens, self.temperature]), widgets.HBox([self.top_p, self.top_k, self.seed]),
@@ -160,9 +172,7 @@ class Workbench:
         self._set_buttons(loading=True)
         self.load_progress.value, self.load_progress.bar_style = 0, "info"
         try:
-            if self.engine is not None:
-                self.engine.close()
-                self.engine = None
+            self._close_engines()
             self.load_status.value = f"preparing {html.escape(model_name)} ..."
             options = {**self.engine_options(name), **overrides}
             workbench.resolve_model(model_name)  # the one slow step before the engine's own: a first conversion
@@ -173,11 +183,16 @@ class Workbench:
             seconds = time.perf_counter() - start
             info = self.engine.info
             self.load_progress.value, self.load_progress.bar_style = 3, "success"
+            other = self.compare_picker.value
+            if other:
+                self.load_status.value = f"loading {html.escape(other)} beside it ..."
+                self.other = workbench.load(other, model=model_name, **{**self.engine_options(other), **overrides})
+            beside = f"; beside it {html.escape(other)}" if other else ""
             self.load_status.value = (f"{html.escape(info.engine)} {html.escape(info.engine_version)} "
                                       f"on {info.device}: "
                                       f"{html.escape(info.model)}, {info.dtype}, "
-                                      f"{info.weight_bytes / 2**20:.0f} MiB of weights, loaded in {seconds:.1f} s; "
-                                      f"this process now holds {process_memory()[0] / 2**30:.1f} GiB")
+                                      f"{info.weight_bytes / 2**20:.0f} MiB of weights, loaded in {seconds:.1f} s"
+                                      f"{beside}; this kernel holds {process_memory()[0] / 2**30:.1f} GiB")
         except WorkbenchError as exc:
             self.load_progress.bar_style = "danger"
             self._say(self.load_status, str(exc))
@@ -192,12 +207,16 @@ class Workbench:
         if self._busy():
             self._say(self.load_status, "busy: press Stop first.")
             return
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self._close_engines()
         self.load_progress.value, self.load_progress.bar_style = 0, ""
         self.load_status.value = "unloaded"
         self._set_buttons()
+
+    def _close_engines(self) -> None:
+        for engine in (self.engine, self.other):
+            if engine is not None:
+                engine.close()
+        self.engine = self.other = None
 
     # ---- running -----------------------------------------------------------------------------------------------
     def current_requests(self) -> list[Request]:
@@ -234,28 +253,63 @@ class Workbench:
         self._tokens, self.texts, self.error = {}, {}, ""
         self.output.value = ""
         self.run_status.value = f"running {len(requests)} request(s) ..."
+        self._show_columns(2 if self.other is not None else 1)
         feed = LiveFeed(self.views, fps=self.fps, on_frame=lambda trace: self._show_texts(),
                         visible=lambda view: self.views.index(view) == self.tabs.selected_index)
         self._feed = feed
+        beside = self._run_beside(requests) if self.other is not None else None
         start = time.perf_counter()
         try:
             with feed:
                 self.trace = self.engine.run(requests, on_tokens=self._on_tokens, **feed.callbacks)
+            seconds = time.perf_counter() - start
             results = self.trace.results
             self.texts = {i: r.text for i, r in enumerate(results)}
             self._show_texts()
-            tokens = sum(r.metrics.generated_tokens for r in results)
-            seconds = time.perf_counter() - start
-            stopped = sum(r.finish_reason == "abort" for r in results)
-            self.run_status.value = (f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tokens/s), "
-                                     f"{len(self.trace.steps)} steps" + (f", {stopped} stopped" if stopped else ""))
-            self.replay.load(self.trace)
+            status = self._summary(self.trace, seconds)
+            if beside is not None:
+                beside.join()
+                status += "; " + (self._summary(self.other_trace, self._other_seconds) if self.other_trace
+                                  else f"{self.other.name}: {self._other_error}")
+            self.run_status.value = status
+            self.replay.load([self.trace, self.other_trace] if self.other_trace is not None else self.trace)
         except WorkbenchError as exc:
             self._say(self.run_status, str(exc))
         except Exception as exc:  # keep the widget and the engine usable whatever the run raised
             self._say(self.run_status, f"{type(exc).__name__}: {exc}")
         finally:
             self._set_buttons()
+
+    def _run_beside(self, requests: list[Request]) -> threading.Thread:
+        """The same requests on the second engine, at the same time, its views in the second column."""
+        self.other_trace, self._other_error = None, ""
+        views = self.replay.columns[1]
+        feed = LiveFeed(views, fps=self.fps, visible=lambda view: views.index(view) == self.tabs.selected_index)
+
+        def run() -> None:
+            start = time.perf_counter()
+            try:
+                with feed:
+                    self.other_trace = self.other.run(requests, **feed.callbacks)
+                self._other_seconds = time.perf_counter() - start
+            except Exception as exc:  # told in the status line; the first engine's run goes on
+                self._other_error = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=run, name="workbench-compare", daemon=True)
+        thread.start()
+        return thread
+
+    @staticmethod
+    def _summary(trace: Trace, seconds: float) -> str:
+        tokens = sum(r.metrics.generated_tokens for r in trace.results)
+        stopped = sum(r.finish_reason == "abort" for r in trace.results)
+        return (f"{trace.engine}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.1f} tokens/s), "
+                f"{len(trace.steps)} steps" + (f", {stopped} stopped" if stopped else ""))
+
+    def _show_columns(self, count: int) -> None:
+        """One view per tab, or in compare mode the two engines' views side by side."""
+        for view in self.replay.columns[1]:
+            view.widget.layout.display = "" if count > 1 else "none"
 
     def _draw_selected_tab(self) -> None:
         """A view hidden while a run went on is drawn when its tab is picked."""
@@ -282,7 +336,9 @@ class Workbench:
     def stop(self) -> None:
         """Abort the running requests; the engine stays loaded and usable."""
         if self.engine is not None and self._busy():
-            self.engine.stop()
+            for engine in (self.engine, self.other):
+                if engine is not None:
+                    engine.stop()
             self.run_status.value = "stopping ..."
 
     def wait(self, timeout: float | None = None) -> None:

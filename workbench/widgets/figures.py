@@ -359,3 +359,27 @@ def replay_figure(draw, trace: Trace, max_frames: int = 60) -> go.Figure:
                                   args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
                              for f in frames])])
     return figure
+
+
+def request_spans_figure(traces: dict[str, Trace]) -> go.Figure:
+    """Each engine's requests on one time axis, a row of bars per engine: from arrival to the first token (waiting,
+    or prefilling) and from the first token to the last (generating). The same requests on two engines side by
+    side: where one keeps a request waiting, the other is already generating it."""
+    figure = make_subplots(rows=len(traces), cols=1, shared_xaxes=True, subplot_titles=list(traces),
+                           vertical_spacing=0.08)
+    for row, trace in enumerate(traces.values(), start=1):
+        names = [q.request_id for q in trace.requests]
+        sent = [q.arrival_s + r.metrics.queue_s for q, r in zip(trace.requests, trace.results)]
+        first = [s + r.metrics.ttft_s for s, r in zip(sent, trace.results)]
+        last = [s + r.metrics.total_s for s, r in zip(sent, trace.results)]
+        arrival = [q.arrival_s for q in trace.requests]
+        for label, starts, ends, color in (("waiting for its first token", arrival, first, STATE_COLORS["waiting"]),
+                                           ("generating", first, last, STATE_COLORS["decode"])):
+            figure.add_bar(y=names, x=[e - s for s, e in zip(starts, ends)], base=starts, orientation="h",
+                           name=label, marker_color=color, legendgroup=label, showlegend=row == 1, row=row, col=1,
+                           hovertemplate="%{y}: %{base:.2f} s to %{x:.2f} s later<extra></extra>")
+        figure.update_yaxes(autorange="reversed", row=row, col=1)
+    figure.update_xaxes(title_text="seconds since the first arrival", row=len(traces), col=1)
+    figure.update_layout(barmode="overlay", height=140 + 40 * sum(len(t.requests) for t in traces.values()),
+                         title="The same requests, side by side", margin=dict(t=70, b=40))
+    return figure
