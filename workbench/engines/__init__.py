@@ -123,8 +123,9 @@ def load(engine: str, model: str | None = None, isolate: bool = True, **options:
     `api_key_env`, `timeout_s`).
 
     An engine runs in a worker process of its own (`engines/host.py`): a crash there is an error here, and `close()`
-    gives all its memory back. `isolate=False` loads it into this process instead (its internals are then at hand,
-    for debugging, or where a process cannot be started).
+    gives all its memory back; the next load of the same engine takes a spare worker that imported its libraries
+    meanwhile. `isolate=False` loads it into this process instead (its internals are then at hand, for debugging,
+    or where a process cannot be started).
 
     >>> with wb.load("transformers", model="tiny-llama") as e:           # doctest: +SKIP
     ...     e.generate("Hello", max_tokens=4)
