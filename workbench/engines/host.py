@@ -284,6 +284,8 @@ class EngineProxy(Engine):
             on_tokens: Callable[[int, list[int]], None] | None = None,
             on_start: Callable[[Trace], None] | None = None, *, rate: float | None = None,
             burstiness: float = 1.0, max_concurrency: int | None = None, seed: int = 0) -> Trace:
+        """`Engine.run` in the worker: each step's snapshot and each request's tokens reach the callbacks here as the
+        engine takes them, and the trace fills in as it would in this process."""
         self._check_open()
         self._load_plan(requests, rate, burstiness, max_concurrency, seed)  # bad input is refused here, at once
         trace: list[Trace] = []
@@ -313,6 +315,7 @@ class EngineProxy(Engine):
         return result
 
     def stop(self) -> None:
+        """Stop what the engine is doing at its next step (from any thread); the engine stays loaded."""
         super().stop()
         if not self._closed and self.process.poll() is None:
             self._send(("stop",))
