@@ -34,6 +34,10 @@ def test_paged_attention_notebook(notebook_report):
     results = read_results(executed)
     assert results["shared_blocks"] > 0 and results["cached_tokens"] >= results["block_size"]
     assert results["preemptions"] > 0 and results["preemptions"] == results["vllm_num_preemptions"]
+    reasons = results["idle_reasons"]  # why requests waited, by kind, over requests x steps
+    assert reasons["preempted"] > 0 and reasons["no free KV blocks"] > 0, reasons
+    assert set(reasons) <= {"preempted", "no free KV blocks", "queued behind the first in line", "batch full",
+                            "token budget spent", "token budget", "unknown"}, reasons
     assert results["waste_paged_pct"] < results["waste_contiguous_pct"]
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 

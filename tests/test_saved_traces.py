@@ -5,6 +5,7 @@ the figures and the views."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,19 @@ def test_request_spans_put_each_engines_requests_on_one_time_axis():
     expected = [q.arrival_s + r.metrics.queue_s + r.metrics.ttft_s for q, r in zip(first, results)]
     assert np.allclose(generating.base, expected)
     assert np.allclose(generating.x, [r.metrics.total_s - r.metrics.ttft_s for r in results])
+
+
+def test_a_waiting_or_preempted_request_says_why_or_unknown(trace):
+    rows = trace.request_steps_df()
+    idle = rows["state"].isin(["waiting", "preempted"])
+    assert (rows.loc[~idle, "reason"] == "").all() and (rows.loc[idle, "reason"] != "").all()
+    snap = next((s for s in trace.steps if any(r.state == "waiting" for r in s.requests)), None)
+    if snap is None:
+        pytest.skip("no request waited in this trace")
+    waiting = next(r for r in snap.requests if r.state == "waiting")
+    told = replace(waiting, reason="batch full: 2 requests running, max_num_seqs is 2")
+    steps = [replace(s, requests=tuple(told if r is waiting else r for r in s.requests)) for s in trace.steps]
+    heatmap = figures.batch_timeline_traces(replace(trace, steps=steps))[0][0]
+    names = [q.request_id for q in trace.requests]
+    cell = heatmap["customdata"][names.index(waiting.request_id)][trace.steps.index(snap)]
+    assert cell == "waiting: batch full: 2 requests running, max_num_seqs is 2"

@@ -23,6 +23,9 @@ def test_static_batch_makes_late_requests_wait_and_counts_padding(static_pairs, 
     table = trace.requests_df().set_index("request_id")
     # r2 arrived while the first batch decoded, but a static batch admits nobody until it ends
     assert table.loc["r2", "first_step"] == table.loc["r0", "finish_step"] + 1
+    rows = trace.request_steps_df()
+    assert set(rows[rows["state"] == "waiting"]["reason"]) == {
+        "static batching: a batch of 2 is running; it waits for the next batch"}
     assert [len(r.token_ids) for r in trace.results] == [6, 3, 4]
     first = trace.steps[0]
     r0, r1 = first.request("r0"), first.request("r1")

@@ -55,6 +55,32 @@ def test_small_cache_preempts_and_resumes_and_counts_match_vllm(small_cache):
     first_preempted = states.index("preempted")
     assert "prefill" in states[first_preempted:] and states[-1] == "finished"  # it came back and finished
     assert all(len(r.token_ids) == 150 for r in trace.results)
+    # why, in words, from the scheduler's own state at that step
+    rows = trace.request_steps_df()
+    idle = rows[rows["state"].isin(["waiting", "preempted"])]
+    assert (idle["reason"] != "").all()
+    preempted_at = rows[(rows["request_id"] == resumed) & (rows["state"] == "preempted")].iloc[0]
+    assert preempted_at["reason"].startswith("preempted: a running request needed a new KV block")
+    short = idle[idle["reason"].str.startswith("no free KV blocks")]
+    assert len(short) > 0
+    for reason in short["reason"]:  # "no free KV blocks: it needs up to N, M are free"
+        need, free = (int(word.strip(",")) for word in reason.split() if word.strip(",").isdigit())
+        assert need > free
+
+
+def test_a_full_batch_and_a_spent_token_budget_are_the_reasons_given():
+    four = [Request(f"Question number {i}: what is a KV cache?", max_tokens=16, ignore_eos=True) for i in range(4)]
+    with wb.load("vllm", model="smollm2-135m", max_batch_size=2, max_model_len=1024, kv_cache_gb=0.25) as engine:
+        rows = engine.run(four).request_steps_df()
+    waiting = rows[rows["state"] == "waiting"]
+    assert len(waiting) > 0 and (waiting["reason"] == "batch full: 2 requests running, max_num_seqs is 2").all()
+    long = [Request("Tell me about paged attention. " * 20, max_tokens=8, ignore_eos=True) for _ in range(3)]
+    with wb.load("vllm", model="smollm2-135m", max_num_batched_tokens=64, max_model_len=1024,
+                 kv_cache_gb=0.25) as engine:
+        rows = engine.run(long).request_steps_df()
+    waiting = rows[rows["state"] == "waiting"]
+    assert len(waiting) > 0
+    assert waiting["reason"].str.startswith("token budget spent: 64 of 64 tokens scheduled this step").all()
 
 
 def test_late_request_joins_the_running_batch(small_cache):

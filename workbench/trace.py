@@ -72,6 +72,7 @@ class RequestSnapshot:
     block_ids: tuple[int, ...]  # its block table: logical block i is physical block block_ids[i]
     cached_tokens: int  # prompt tokens served from the prefix cache
     padding_tokens: int = 0  # slots a static batch spends on padding for it
+    reason: str = ""  # why it waits or was preempted, in words, where the engine's state says ("" otherwise)
 
 
 @dataclass(frozen=True)
@@ -218,12 +219,13 @@ class Trace:
         return pd.DataFrame(rows)
 
     def request_steps_df(self):
-        """One row per request per step (long form): what the batching timeline draws."""
+        """One row per request per step (long form): what the batching timeline draws. `reason`: why a waiting or
+        preempted request was not running, in words; "unknown" where the engine does not expose enough to say."""
         import pandas as pd
 
         return pd.DataFrame([{"step": s.step, "time_s": s.time_s, **{f.name: getattr(r, f.name)
                                                                      for f in fields(RequestSnapshot)},
-                              "num_blocks": len(r.block_ids)}
+                              "num_blocks": len(r.block_ids), "reason": reason_of(r)}
                              for s in self.steps for r in s.requests])
 
     def requests_df(self):
@@ -270,6 +272,13 @@ def _step_to_json(step: StepSnapshot) -> dict:
     return {"step": step.step, "time_s": step.time_s, "blocks": step.blocks, "memory": asdict(step.memory),
             "counters": step.counters,
             "requests": [[getattr(r, f.name) for f in fields(RequestSnapshot)] for r in step.requests]}
+
+
+def reason_of(snapshot: RequestSnapshot) -> str:
+    """Why a request was waiting or preempted at a step ("unknown" where its engine does not say); "" if it ran."""
+    if snapshot.state in ("waiting", "preempted"):
+        return snapshot.reason or "unknown"
+    return ""
 
 
 def _step_from_json(data: dict) -> StepSnapshot:

@@ -233,8 +233,9 @@ class _BatchSteps:
                 recorder.names[i], state, self.width if k == 1 else 1, self.width + k - 1, produced, (), 0, padding)))
         with batches.lock:
             waiting = list(batches.waiting)
+        why = f"static batching: a batch of {len(self.batch)} is running; it waits for the next batch"
         for i in waiting:
-            snaps.append(recorder.dedupe(RequestSnapshot(recorder.names[i], "waiting", 0, 0, 0, (), 0)))
+            snaps.append(recorder.dedupe(RequestSnapshot(recorder.names[i], "waiting", 0, 0, 0, (), 0, reason=why)))
         slots = len(self.batch) * (self.width + k - 1)
         memory = MemorySnapshot(facts.weight_bytes, slots * facts.bytes_per_token, real_tokens * facts.bytes_per_token,
                                 *process_memory(), *device_memory(batches.engine.device))

@@ -247,9 +247,46 @@ class _VLLMSession(Session):
 
         def schedule_and_keep(*args, **kwargs):
             self.seen["output"] = out = original(*args, **kwargs)
+            self.seen["reasons"] = self._reasons(out)
             return out
 
         self.scheduler.schedule = schedule_and_keep
+
+    def _reasons(self, out) -> dict[str, str]:
+        """Why each request the scheduler left waiting was left, read from what it saw when it stopped admitting.
+        vLLM admits waiting requests first come, first served, and stops at the first that does not fit: the batch
+        is full (`max_num_seqs`), the step's token budget is spent (`max_num_batched_tokens`), or the pool has too
+        few free blocks; a request preempted in this step lost its blocks to a running one."""
+        scheduler = self.scheduler
+        reasons = {rid: "preempted: a running request needed a new KV block and none was free; it gave its blocks "
+                        "back and will recompute" for rid in (getattr(out, "preempted_req_ids", None) or ())}
+        waiting = [r for r in scheduler.waiting if r.request_id not in reasons]
+        if not waiting:
+            return reasons
+        head = waiting[0]
+        running = len(scheduler.running)
+        limit = getattr(scheduler, "max_num_active_reqs", scheduler.max_num_running_reqs)
+        used, budget = out.total_num_scheduled_tokens, scheduler.max_num_scheduled_tokens
+        left = head.num_tokens - head.num_computed_tokens
+        free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        need = -(-left // scheduler.block_size)  # before any prefix-cache hit, which can only lower it
+        if running >= limit:
+            why = f"batch full: {running} requests running, max_num_seqs is {limit}"
+        elif used >= budget:
+            why = f"token budget spent: {used} of {budget} tokens scheduled this step (max_num_batched_tokens)"
+        elif not scheduler.scheduler_config.enable_chunked_prefill and left > budget - used:
+            why = f"token budget: its {left} tokens do not fit the {budget - used} left this step (no chunked prefill)"
+        elif free < need:
+            why = f"no free KV blocks: it needs up to {need}, {free} are free"
+        else:
+            return {**reasons, head.request_id: "unknown"}
+        reasons[head.request_id] = why
+        index = {rid: i for i, rid in self.internal.items()}
+        name = self.recorder.names[index[head.request_id]] if head.request_id in index else "the first"
+        for request in waiting[1:]:
+            reasons[request.request_id] = why if running >= limit or used >= budget else \
+                f"queued behind {name} (first come, first served), which waits: {why}"
+        return reasons
 
     def submit(self, i: int, prompt: list[int], options: SamplingOptions) -> None:
         from vllm import SamplingParams
@@ -325,8 +362,9 @@ class _VLLMSession(Session):
         else:
             state = "decode"
         blocks = self.scheduler.kv_cache_manager.get_block_ids(request.request_id)[0]
+        reason = self.seen.get("reasons", {}).get(request.request_id, "") if state in ("waiting", "preempted") else ""
         return RequestSnapshot(name, state, scheduled, request.num_computed_tokens, output_tokens,
-                               tuple(blocks), cached)
+                               tuple(blocks), cached, reason=reason)
 
     def abort(self, indexes: list[int]) -> None:
         rids = [rid for rid, i in self.index.items() if i in indexes]

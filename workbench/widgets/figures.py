@@ -23,6 +23,7 @@ from workbench.trace import (
     STATES,
     StepSnapshot,
     Trace,
+    reason_of,
     tokens_in_block,
 )
 
@@ -208,6 +209,11 @@ def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str
         scale += [[code / n, STATE_COLORS[state]], [(code + 1) / n, STATE_COLORS[state]]]
     codes = np.array(z, dtype=float) if step_numbers else np.zeros((len(names), 0))
     state_names = np.array([""] + list(STATES), dtype=object)[np.nan_to_num(codes, nan=-1).astype(int) + 1]
+    row = {name: i for i, name in enumerate(names)}
+    for column, snap in enumerate(steps):  # a waiting or preempted request's hover says why
+        for r in snap.requests:
+            if r.state in ("waiting", "preempted"):
+                state_names[row[r.request_id], column] = f"{r.state}: {reason_of(r)}"
     running = [sum(r.state in ("prefill", "decode") for r in s.requests) for s in steps]
     tokens = [sum(r.scheduled_tokens for r in s.requests) for s in steps]
     # A gap (a request not yet arrived, or done) is None, not NaN: a live widget sends z as JSON, which has no NaN.
