@@ -5,6 +5,7 @@ vLLM starts its own workers (they need a __main__ guard); DeepSpeed needs one pr
 """
 
 import json
+import os
 import sys
 
 import workbench as wb
@@ -35,4 +36,6 @@ if __name__ == "__main__":
         options.update({"max_model_len": 512, **({"distributed_executor_backend": "mp"} if size > 1 else {})})
     with wb.load(engine_name, model="tiny-llama", isolate=False, **options) as engine:  # its internals are read
         tokens = [r.token_ids for r in engine.generate(PROMPTS, max_tokens=8, temperature=0, chat=False)]
-        print(json.dumps({"tokens": tokens, **_layout(engine)}), flush=True)
+        line = json.dumps({"tokens": tokens, **_layout(engine)}) + "\n"
+        sys.stdout.flush()
+        os.write(1, line.encode())  # one write, under the pipe's atomic size: ranks' lines never interleave
