@@ -53,6 +53,13 @@ def test_continuous_batching_notebook(notebook_report):
     assert limits["2"] > limits["8"]  # a tight cap keeps arrivals waiting
     assert results["side_by_side"] == ["transformers", "transformers-paged"]
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+    if HAVE_VLLM:  # chunked prefill, from vLLM's own scheduler output at every step
+        on, off = results["chunked_prefill"]["on"], results["chunked_prefill"]["off"]
+        assert on["prefill_steps"] > 1 and sum(on["chunks"]) == on["prompt_tokens"] > results["chunk_tokens"]
+        assert max(on["chunks"]) <= results["chunk_tokens"] - len(on["decoders"])  # the decoders were served first
+        assert on["decoders"] and on["decoders_got_a_token_every_prefill_step"]
+        assert off["prefill_steps"] == 1 and off["chunks"] == [off["prompt_tokens"]]  # the whole prompt in one step
+        assert off["decoders"] and off["decoders_got_a_token_every_prefill_step"]  # it rode along, and waited
 
 
 def test_engines_tour_notebook(notebook_report):
@@ -67,6 +74,9 @@ def test_engines_tour_notebook(notebook_report):
     for name, missing in results["unavailable"].items():
         assert missing["why"] and missing["how"], f"{name} does not say why it is missing or how to get it"
     assert {"tgi", "tensorrt-llm"} <= set(results["unavailable"])
+    techniques = results["techniques"]  # each technique links to a notebook that exists, or says none shows it yet
+    assert all((NOTEBOOKS / notebook).exists() for notebook in techniques.values() if notebook), techniques
+    assert techniques["chunked prefill"] == "03_continuous_batching.ipynb"
 
 
 def test_memory_notebook(notebook_report):

@@ -11,8 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workbench.analysis import engine_state, kv_waste, kv_waste_measured, run_summary, serving_metrics
-from workbench.trace import BLOCK_USED, STATES, Trace
+from workbench.analysis import (
+    engine_state,
+    kv_waste,
+    kv_waste_measured,
+    prefix_cache_note,
+    run_summary,
+    serving_metrics,
+)
+from workbench.trace import BLOCK_CACHED, BLOCK_FREE, BLOCK_USED, STATES, Trace, reason_of
 from workbench.widgets import figures
 from workbench.widgets.replay import Replay
 from workbench.widgets.views import BatchTimeline, KVCacheView, MemoryView, ThroughputView
@@ -211,3 +218,35 @@ def test_a_waiting_or_preempted_request_says_why_or_unknown(trace):
     names = [q.request_id for q in trace.requests]
     cell = heatmap["customdata"][names.index(waiting.request_id)][trace.steps.index(snap)]
     assert cell == "waiting: batch full: 2 requests running, max_num_seqs is 2"
+
+
+def test_the_kv_maps_free_blocks_say_who_waits_and_why(preempted):
+    snap = next(s for s in preempted.steps if any(r.state in ("waiting", "preempted") for r in s.requests))
+    index = preempted.steps.index(snap)
+    blocks = figures.kv_cache_traces(preempted, index)[0][0]
+    idle = [r for r in snap.requests if r.state in ("waiting", "preempted")]
+    for state, custom in zip(snap.blocks, blocks["customdata"]):
+        if state in (BLOCK_FREE, BLOCK_CACHED):
+            assert f"{idle[0].request_id} {idle[0].state}: {reason_of(idle[0])}" in custom[5]
+        else:
+            assert custom[5] == ""
+
+
+def test_a_shared_prefix_shorter_than_a_block_is_pointed_out(preempted):
+    size = preempted.facts.block_size
+    assert prefix_cache_note(preempted) == ""  # its system prompt spans whole blocks
+    short = replace(preempted, requests=[replace(q, shared_prefix_tokens=size - 1) for q in preempted.requests])
+    assert f"at most {size - 1} leading tokens, less than one KV block ({size} tokens)" in prefix_cache_note(short)
+    assert "no block can be shared" in figures.kv_cache_traces(short)[1]
+    static = Trace.load(DATA / "transformers_static.jsonl")  # no blocks, nothing to say
+    static = replace(static, requests=[replace(q, shared_prefix_tokens=5) for q in static.requests])
+    assert prefix_cache_note(static) == ""
+
+
+def test_scheduled_tokens_figure_stacks_each_requests_tokens_per_step(trace):
+    figure = figures.scheduled_tokens_figure(trace, budget=64)
+    drawn = {(bar.name, step): tokens for bar in figure.data for step, tokens in zip(bar.x, bar.y)}
+    expected = {(r.request_id, s.step): r.scheduled_tokens for s in trace.steps for r in s.requests
+                if r.scheduled_tokens}
+    assert drawn == expected
+    assert figure.layout.shapes[0].y0 == 64  # the budget line

@@ -38,7 +38,7 @@ def vllm_trace(load_shared):
 def drawn_owners(view: KVCacheView) -> dict[int, list[str]]:
     """Block id -> holders, read back from the figure the view drew (its hover data)."""
     owners = {}
-    for block, _state, held, _tokens, _size in view.figure_widget.data[0].customdata:
+    for block, _state, held, _tokens, _size, _waiting in view.figure_widget.data[0].customdata:
         if held != "nobody":
             owners[int(block)] = [part.split(" ")[0] for part in held.split(", ")]
     return owners

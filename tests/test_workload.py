@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from workbench.errors import InvalidRequestError
-from workbench.workload import Request, arrival_times, make_workload, with_arrivals
+from workbench.workload import Request, arrival_times, make_workload, shared_prefix_lengths, with_arrivals
 
 
 def test_arrivals_at_a_rate_have_its_mean_gap_and_burstiness_sets_their_spread():
@@ -51,3 +51,9 @@ def test_token_id_prompts_are_sent_as_they_are():
     assert Request([1, 2, 3], chat=False).prompt == (1, 2, 3)
     with pytest.raises(InvalidRequestError, match="chat=False"):
         Request([1, 2, 3])
+
+
+def test_shared_prefix_lengths_are_each_prompts_longest_common_start_with_another():
+    prompts = [[5, 6, 7, 8], [1, 2, 3], [5, 6, 7, 9, 9], [1, 2], [4]]
+    assert shared_prefix_lengths(prompts) == [3, 2, 3, 2, 0]
+    assert shared_prefix_lengths([[1, 2]]) == [0] and shared_prefix_lengths([]) == []

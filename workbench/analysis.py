@@ -99,6 +99,22 @@ def kv_waste_measured(trace: Trace) -> float:
     return 100.0 * (allocated - held) / allocated if allocated else 0.0
 
 
+def prefix_cache_note(trace: Trace) -> str:
+    """A warning when the requests share a prompt prefix shorter than one KV block, "" otherwise: a prefix cache
+    reuses whole blocks only, so such a run rightly shows no hit, which reads like prefix caching not working.
+
+    >>> prefix_cache_note(trace)      # doctest: +SKIP
+    'The prompts share at most 20 leading tokens, less than one KV block (32 tokens): ...'
+    """
+    size = trace.facts.block_size
+    longest = max((q.shared_prefix_tokens for q in trace.requests), default=0)
+    if not trace.facts.paged or size <= 1 or not 0 < longest < size:
+        return ""
+    return (f"The prompts share at most {longest} leading tokens, less than one KV block ({size} tokens): a prefix "
+            f"cache reuses whole blocks only, so no block can be shared here and a 0% hit rate is correct. Share a "
+            f"longer prefix, or use smaller blocks, to see it.")
+
+
 # ---- serving under load: the metrics of vLLM's `bench serve`, computed from a trace ------------------------------
 SLO_METRICS = ("ttft", "tpot", "e2el")
 PERCENTILES = (90, 95, 99)

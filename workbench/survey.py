@@ -70,6 +70,45 @@ ENGINES: tuple[EngineProfile, ...] = (
 
 
 @dataclass(frozen=True)
+class Technique:
+    """A technique the surveys name, and the notebook that shows it running here ("" where none does yet)."""
+
+    name: str
+    engines: tuple[str, ...]  # the surveyed engines known for it
+    notebook: str  # a file in notebooks/
+    shows: str  # what that notebook shows of it, or why nothing does yet
+
+
+TECHNIQUES: tuple[Technique, ...] = (
+    Technique("static batching (generate)", ("Transformers", "DeepSpeed"), "03_continuous_batching.ipynb",
+              "a batch runs until its longest request is done; arrivals wait for the next batch"),
+    Technique("continuous (dynamic, in-flight) batching", ("vLLM", "TGI", "TensorRT-LLM", "Transformers"),
+              "03_continuous_batching.ipynb", "requests join the running batch at the next step, side by side "
+              "with static batching on the same requests"),
+    Technique("chunked prefill", ("vLLM", "TensorRT-LLM", "TGI"), "03_continuous_batching.ipynb",
+              "a long prompt's prefill split over steps while other requests keep decoding, and the stall without"),
+    Technique("PagedAttention (paged KV cache)", ("vLLM", "TensorRT-LLM", "TGI"), "02_paged_attention.ipynb",
+              "the block pool and each request's block table, step by step; waste against contiguous caches"),
+    Technique("prefix caching", ("vLLM", "TensorRT-LLM"), "02_paged_attention.ipynb",
+              "requests with one system prompt sharing their first physical blocks"),
+    Technique("preemption and the scheduler's reasons", ("vLLM",), "02_paged_attention.ipynb",
+              "a pool too small for the batch: requests preempted and resumed, and why each waits"),
+    Technique("KV cache sizing", ("vLLM", "Transformers", "DeepSpeed"), "04_memory.ipynb",
+              "bytes per token from the config against each engine's real cache tensors; requests that fit"),
+    Technique("token streaming and a serving router", ("TGI", "vLLM"), "06_serving_dashboard.ipynb",
+              "a server streaming a workload, watched from its /metrics (TGI itself runs only in Docker)"),
+    Technique("throughput at saturation", ("vLLM", "Transformers", "TGI"), "07_load_sweep.ipynb",
+              "latency percentiles, throughput and goodput swept to saturation, with the engine's state"),
+    Technique("tensor and pipeline parallelism", ("vLLM", "DeepSpeed", "TGI", "TensorRT-LLM"), "",
+              "not shown in a notebook yet: tests/test_distributed.py runs vLLM and DeepSpeed with two ranks here"),
+    Technique("ZeRO and offload", ("DeepSpeed",), "", "not shown yet"),
+    Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM"), "",
+              "not shown yet: DeepSpeed's injection and TensorRT-LLM need an NVIDIA GPU"),
+    Technique("quantization (GPTQ, AWQ, INT8, FP8)", ("TGI", "TensorRT-LLM"), "", "not shown yet"),
+)
+
+
+@dataclass(frozen=True)
 class Claim:
     """A published speed or memory claim, and how to measure the same quantity here.
 

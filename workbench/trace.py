@@ -58,6 +58,7 @@ class TraceRequest:
     prompt_tokens: int
     max_tokens: int
     arrival_s: float
+    shared_prefix_tokens: int = 0  # leading prompt tokens it shares with another request of the run
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,6 +136,26 @@ def make_workload(
     return requests
 
 
+def shared_prefix_lengths(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """For each prompt (token ids), the longest run of leading tokens it shares with any other prompt: what a prefix
+    cache could reuse for it, before rounding down to whole blocks.
+
+    >>> shared_prefix_lengths([[1, 2, 3, 4], [1, 2, 9], [7]])
+    [2, 2, 0]
+    """
+    # A prompt's longest common prefix with any other is reached at a neighbour in sorted order.
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    shared = [0] * len(prompts)
+    for a, b in zip(order, order[1:]):
+        common = 0
+        for x, y in zip(prompts[a], prompts[b]):
+            if x != y:
+                break
+            common += 1
+        shared[a], shared[b] = max(shared[a], common), max(shared[b], common)
+    return shared
+
+
 def as_requests(items: Sequence[Request | str], max_tokens: int = 64) -> list[Request]:
     """Accept plain prompt strings beside Requests."""
     return [item if isinstance(item, Request) else Request(item, max_tokens=max_tokens) for item in items]

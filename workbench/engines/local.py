@@ -18,7 +18,7 @@ from workbench.errors import InvalidRequestError, UnsupportedOptionError
 from workbench.models import ResolvedModel
 from workbench.trace import StepSnapshot, Trace, TraceRecorder, TraceRequest
 from workbench.types import GenerationResult, RequestMetrics, SamplingOptions
-from workbench.workload import Request
+from workbench.workload import Request, shared_prefix_lengths
 
 
 class LocalEngine(Engine):
@@ -96,9 +96,11 @@ class LocalEngine(Engine):
             ids = self._encode(request.prompt, request.chat, request.system)
             prompts.append(ids)
             options.append(self._fit_to_context(ids, opts))
+        shared = shared_prefix_lengths(prompts)
         trace = Trace(self.name, self.model.name, self.cache_facts,
-                      [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s))
-                       for i, (ids, opts, r) in enumerate(zip(prompts, options, items))], load_profile=load)
+                      [TraceRequest(f"r{i}", len(ids), opts.max_tokens, float(r.arrival_s), common)
+                       for i, (ids, opts, r, common) in enumerate(zip(prompts, options, items, shared))],
+                      load_profile=load)
         recorder = TraceRecorder(trace, record, on_step, on_tokens)
         if on_start is not None:
             on_start(trace)

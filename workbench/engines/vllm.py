@@ -44,6 +44,7 @@ _OPTION_TO_VLLM = {
     "enable_prefix_caching": "enable_prefix_caching",
     "max_batch_size": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens",
+    "enable_chunked_prefill": "enable_chunked_prefill",
     "enforce_eager": "enforce_eager",
     "gpu_memory_utilization": "gpu_memory_utilization",
     "tensor_parallel_size": "tensor_parallel_size",

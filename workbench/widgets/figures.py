@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from workbench.analysis import prefix_cache_note
 from workbench.trace import (
     BLOCK_CACHED,
     BLOCK_FREE,
@@ -91,7 +92,17 @@ def _num_blocks(trace: Trace) -> int:
 
 MARKER_SIZE = 14
 _HOVER = ("block %{customdata[0]}: %{customdata[1]}<br>held by %{customdata[2]}"
-          "<br>%{customdata[3]} of %{customdata[4]} tokens<extra></extra>")
+          "<br>%{customdata[3]} of %{customdata[4]} tokens%{customdata[5]}<extra></extra>")
+
+
+def _waiting_note(snap: StepSnapshot | None, shown: int = 2) -> str:
+    """A hover line for the blocks nobody holds: who waits, and why (from the engine's state at that step)."""
+    waiting = [r for r in snap.requests if r.state in ("waiting", "preempted")] if snap else []
+    if not waiting:
+        return ""
+    lines = [f"{r.request_id} {r.state}: {reason_of(r)}" for r in waiting[:shown]]
+    more = f"<br>and {len(waiting) - shown} more" if len(waiting) > shown else ""
+    return "<br>" + "<br>".join(lines) + more
 
 
 def kv_cache_traces(trace: Trace, step: int = -1, selected: str | None = None) -> tuple[list[dict], str]:
@@ -109,11 +120,12 @@ def kv_cache_traces(trace: Trace, step: int = -1, selected: str | None = None) -
         owners = p["owners"]
         colors.append(palette.get(owners[0], "#000000") if p["state"] == BLOCK_USED and owners
                       else BLOCK_COLORS.get(p["state"], "#eeeeee"))
-    custom = np.empty((n, 5), dtype=object)
+    custom = np.empty((n, 6), dtype=object)
+    waiting = _waiting_note(_snapshot(trace, step))
     for i, p in enumerate(points):
         held = ", ".join(f"{o} (logical {k})" for o, k in zip(p["owners"], p["logical"])) or "nobody"
         custom[i] = (p["block"], BLOCK_NAMES.get(p["state"], p["state"]), held, p["tokens"],
-                     trace.facts.block_size)
+                     trace.facts.block_size, waiting if p["state"] in (BLOCK_FREE, BLOCK_CACHED) else "")
     shared = np.array([p["block"] for p in points if len(p["owners"]) > 1], dtype=int)
     picked = np.array([p["block"] for p in points if selected and selected in p["owners"]], dtype=int)
     traces = [
@@ -132,6 +144,9 @@ def kv_cache_traces(trace: Trace, step: int = -1, selected: str | None = None) -
     if snap is not None:
         title = (f"KV cache blocks, step {snap.step}: {snap.blocks.count(BLOCK_USED)} in use of {n}, "
                  f"{len(shared)} shared, {snap.blocks.count(BLOCK_CACHED)} cached")
+    note = prefix_cache_note(trace)
+    if note:
+        title += f"<br><sub>{note.split(':')[0]}: no block can be shared</sub>"
     return traces, title
 
 
@@ -210,10 +225,12 @@ def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str
     codes = np.array(z, dtype=float) if step_numbers else np.zeros((len(names), 0))
     state_names = np.array([""] + list(STATES), dtype=object)[np.nan_to_num(codes, nan=-1).astype(int) + 1]
     row = {name: i for i, name in enumerate(names)}
-    for column, snap in enumerate(steps):  # a waiting or preempted request's hover says why
+    for column, snap in enumerate(steps):  # a waiting or preempted request's hover says why; a running one, how much
         for r in snap.requests:
             if r.state in ("waiting", "preempted"):
                 state_names[row[r.request_id], column] = f"{r.state}: {reason_of(r)}"
+            elif r.state in ("prefill", "decode") and r.scheduled_tokens:
+                state_names[row[r.request_id], column] = f"{r.state}, {r.scheduled_tokens} tokens computed"
     running = [sum(r.state in ("prefill", "decode") for r in s.requests) for s in steps]
     tokens = [sum(r.scheduled_tokens for r in s.requests) for s in steps]
     # A gap (a request not yet arrived, or done) is None, not NaN: a live widget sends z as JSON, which has no NaN.
@@ -233,6 +250,26 @@ def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str
 def batch_timeline_figure(trace: Trace, upto: int = -1) -> go.Figure:
     """Requests x steps colored by state, over the batch size and tokens computed per step."""
     return _figure(batch_timeline_layout(trace), *batch_timeline_traces(trace, upto))
+
+
+def scheduled_tokens_figure(trace: Trace, budget: int | None = None) -> go.Figure:
+    """Tokens the engine computed for each request at each step, stacked: how a step's token budget was shared out.
+    With chunked prefill a long prompt's prefill is a run of chunks that fill what the decoding requests leave of
+    the budget (`budget`, drawn as a line when given); without it, one step carries the whole prompt."""
+    palette = request_colors(trace)
+    figure = go.Figure()
+    for q in trace.requests:
+        points = [(s.step, r.scheduled_tokens, r.state) for s in trace.steps for r in s.requests
+                  if r.request_id == q.request_id and r.scheduled_tokens]
+        if points:
+            figure.add_bar(x=[p[0] for p in points], y=[p[1] for p in points], name=q.request_id,
+                           marker_color=palette[q.request_id], customdata=[p[2] for p in points],
+                           hovertemplate=f"{q.request_id}, step %{{x}}: %{{y}} tokens (%{{customdata}})<extra></extra>")
+    if budget:
+        figure.add_hline(y=budget, line_dash="dot", annotation_text=f"token budget per step ({budget})")
+    figure.update_layout(barmode="stack", height=320, margin=dict(t=50, b=40), xaxis_title="engine step",
+                         yaxis_title="tokens computed", title=f"Tokens computed per step, by request: {trace.engine}")
+    return figure
 
 
 MEMORY_PARTS = ("weights", "KV in use", "KV reserved, unused", "rest of the process")
