@@ -218,3 +218,39 @@ def test_load_sweep_notebook(notebook_report):
                       for output in cell.get("outputs", []) if output.get("output_type") == "stream")
     assert not re.search(r"\b(INFO|WARNING|DEBUG)\b", printed), printed
     assert 'href="07_load_sweep.log"' in html and "vllm" in (folder / "07_load_sweep.log").read_text()
+
+
+def test_parallelism_notebook(notebook_report):
+    executed, page = notebook_report("08_parallelism")
+    results = read_results(executed)
+    layouts = results["layouts"]
+    if HAVE_VLLM:  # vLLM's own check, before it loads anything: SmolLM2's 9 heads do not split in two
+        [refusal] = results["refusals"].values()
+        assert "attention heads (9) must be divisible by tensor parallel size (2)" in refusal
+        assert {"vLLM, tensor parallel 2", "vLLM, pipeline parallel 2"} <= set(layouts)
+    assert importlib.util.find_spec("deepspeed") is None or "DeepSpeed AutoTP 2" in layouts
+    for name, layout in layouts.items():
+        assert layout["same_tokens_as_one_rank"], name
+        ranks, options = layout["ranks"], layout["options"]
+        split = options.get("tensor_parallel_size") or options.get("pipeline_parallel_size")
+        if not split:
+            assert len(ranks) == 1 and ranks[0]["collectives"] == {}
+            continue
+        assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world_size"] == 2 for r in ranks), name
+        for rank in ranks:  # each forward pass made exactly the calls the layout needs, from the model's config
+            expected = {k: v for k, v in layout["expected_calls_per_pass"].items() if k in rank["collectives_per_pass"]}
+            assert rank["collectives_per_pass"] == expected and expected, (name, rank["collectives_per_pass"])
+        whole = layout["whole_weight_bytes"]
+        if options.get("tensor_parallel_size"):  # every projection of a layer split in two
+            for rank in ranks:
+                for projection, (inputs, outputs) in rank["projections"].items():
+                    one_rank = layout["whole_projections"][projection]
+                    assert 2 * inputs * outputs == one_rank[0] * one_rank[1], (name, projection)
+            if layout["engine"] == "vllm":  # the vocabulary is split too: half the weights each
+                assert all(abs(r["weight_bytes"] - whole / 2) < 0.01 * whole for r in ranks), name
+        else:  # two stages: the layers split in half, each stage a half plus the embedding or the tied head
+            assert [tuple(r["layers"]) for r in ranks] == [(0, 15), (15, 30)]
+            assert set(ranks[0]["collectives_per_pass"]) == {"pp isend_tensor_dict"}
+            embedding = 49152 * 576 * 4  # SmolLM2's vocabulary x hidden, float32
+            assert all(abs(r["weight_bytes"] - (whole - embedding) / 2 - embedding) < 0.01 * whole for r in ranks)
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]

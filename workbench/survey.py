@@ -99,8 +99,9 @@ TECHNIQUES: tuple[Technique, ...] = (
               "a server streaming a workload, watched from its /metrics (TGI itself runs only in Docker)"),
     Technique("throughput at saturation", ("vLLM", "Transformers", "TGI"), "07_load_sweep.ipynb",
               "latency percentiles, throughput and goodput swept to saturation, with the engine's state"),
-    Technique("tensor and pipeline parallelism", ("vLLM", "DeepSpeed", "TGI", "TensorRT-LLM"), "",
-              "not shown in a notebook yet: tests/test_distributed.py runs vLLM and DeepSpeed with two ranks here"),
+    Technique("tensor and pipeline parallelism", ("vLLM", "DeepSpeed", "TGI", "TensorRT-LLM"), "08_parallelism.ipynb",
+              "vLLM tensor and pipeline parallel and DeepSpeed AutoTP on two ranks: what each holds, the calls each "
+              "forward pass makes, the same tokens as one rank"),
     Technique("ZeRO and offload", ("DeepSpeed",), "", "not shown yet"),
     Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM"), "",
               "not shown yet: DeepSpeed's injection and TensorRT-LLM need an NVIDIA GPU"),

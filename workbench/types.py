@@ -147,3 +147,21 @@ class EngineInfo:
             ("context", f"{self.max_model_len:,} tokens"),
         ]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+@dataclass(frozen=True)
+class RankFacts:
+    """What one rank of an engine holds and has said to the others: its share of the weights, the decoder layers
+    it runs, its KV cache, a few projections of its first layer as it holds them, and its communication calls and
+    forward passes since the engine loaded (`collectives`: "tp all_reduce", "pp isend_tensor_dict", ... -> calls)."""
+
+    rank: int
+    world_size: int
+    tensor_parallel_rank: int
+    pipeline_parallel_rank: int
+    weight_bytes: int
+    layers: tuple[int, int]  # decoder layers [first, end) this rank runs
+    kv_cache_bytes: int
+    projections: dict = field(default_factory=dict)  # module name -> (input features, output features) held here
+    collectives: dict = field(default_factory=dict)
+    forward_passes: int = 0  # of its share of the model, since loading: what the collectives are per

@@ -19,7 +19,7 @@ from importlib.metadata import version
 from workbench.engines.hf_common import torch_dtype
 from workbench.engines.transformers import TransformersEngine
 from workbench.errors import UnsupportedOptionError
-from workbench.types import EngineInfo
+from workbench.types import EngineInfo, RankFacts
 
 
 class DeepSpeedEngine(TransformersEngine):
@@ -40,8 +40,10 @@ class DeepSpeedEngine(TransformersEngine):
                             "off (asked)" if wanted is False else f"off: {blocker}")
         tp_size = int(self.options.get("tensor_parallel_size") or 1)
         self.tp_note = "off"
+        self.collectives: dict[str, int] = {}
         if tp_size > 1:
             self.tp_note = _join_ranks(deepspeed, tp_size, on_gpu)
+            self.collectives = _count_calls(deepspeed.comm, _COLLECTIVES)
         try:
             self.ds_engine = deepspeed.init_inference(self.hf_model, dtype=torch_dtype(self.dtype),
                                                       tensor_parallel={"tp_size": tp_size},
@@ -49,12 +51,32 @@ class DeepSpeedEngine(TransformersEngine):
         except (ValueError, RuntimeError, AssertionError, ImportError) as exc:
             raise UnsupportedOptionError(f"DeepSpeed refused these options: {str(exc).splitlines()[0]}") from None
         self.hf_model = self.ds_engine.module
+        self.forward_passes = 0
+
+        def count_pass(*_):
+            self.forward_passes += 1
+
+        self.hf_model.register_forward_pre_hook(count_pass)
 
     def _info(self) -> EngineInfo:
         info = super()._info()
         engine_version = f"deepspeed {version('deepspeed')} (transformers {version('transformers')})"
         return replace(info, engine_version=engine_version, options={**info.options, "kernel_inject": self.kernel_note,
                                                                    "tensor_parallel": self.tp_note})
+
+    def _ranks(self) -> list[RankFacts]:
+        """This process's rank only: DeepSpeed runs one process per rank, each with an engine of its own."""
+        import torch.distributed as dist
+
+        model = self.hf_model
+        first = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+        projections = {name: (m.weight.shape[1], m.weight.shape[0]) for name, m in first.named_modules()
+                       if getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+        grouped = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return [RankFacts(rank, world, rank, 0, weight_bytes, (0, self.config.num_hidden_layers), 0, projections,
+                          dict(self.collectives), self.forward_passes)]
 
     def _release(self) -> None:
         del self.ds_engine
@@ -92,6 +114,29 @@ def _at_least(installed: str, *wanted: int) -> bool:
     from packaging.version import Version
 
     return Version(installed).release[:len(wanted)] >= wanted
+
+
+# deepspeed.comm's collectives, through which AutoTP's split layers meet (an all-reduce after each row-split one).
+_COLLECTIVES = ("inference_all_reduce", "all_reduce", "all_gather", "all_gather_into_tensor")
+
+
+def _count_calls(module, names: tuple[str, ...]) -> dict[str, int]:
+    """Count calls of `module`'s functions `names` from now on, in the dict returned (once per process)."""
+    counts = getattr(module, "workbench_counts", None)
+    if counts is not None:
+        return counts
+    counts = module.workbench_counts = {}
+    for name in names:
+        original = getattr(module, name, None)
+        if original is None:
+            continue
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(module, name, counted)
+    return counts
 
 
 def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:

@@ -41,7 +41,7 @@ from workbench.logs import engine_log, log_engines_to
 from workbench.models import ResolvedModel
 from workbench.sysmem import process_memory
 from workbench.trace import CacheFacts, StepSnapshot, Trace
-from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, SamplingOptions
+from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RankFacts, SamplingOptions
 from workbench.workload import Request
 
 _LOAD_TIMEOUT_S = 900
@@ -240,6 +240,9 @@ class EngineProxy(Engine):
 
     def _measure_kv_cache(self) -> KVCacheMeasurement:
         return self._call("measure_kv_cache")
+
+    def _ranks(self) -> list[RankFacts]:
+        return self._call("ranks")
 
     def _generate(self, texts: list[str], options: SamplingOptions, chat: bool) -> list[GenerationResult]:
         with self._busy():

