@@ -86,7 +86,7 @@ test:
 	echo "make test phases: $${times#, }$$( [ $$status = 0 ] || echo ': FAILED')"; exit $$status
 
 tests: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # ruff, configured in pyproject.toml: pycodestyle, pyflakes, import order, bugbear.
 lint: $(STAMP)

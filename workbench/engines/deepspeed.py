@@ -69,9 +69,9 @@ class DeepSpeedEngine(TransformersEngine):
         import torch.distributed as dist
 
         model = self.hf_model
-        first = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+        first = next((m for name, m in model.named_modules() if name.endswith("layers.0")), None)
         projections = {name: (m.weight.shape[1], m.weight.shape[0]) for name, m in first.named_modules()
-                       if getattr(m, "weight", None) is not None and m.weight.dim() == 2}
+                       if getattr(m, "weight", None) is not None and m.weight.dim() == 2} if first else {}
         grouped = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if grouped else (0, 1)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

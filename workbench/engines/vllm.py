@@ -299,18 +299,18 @@ def rank_facts(worker) -> RankFacts:
     first = f"layers.{layers[0]}."
     weight_bytes, projections, seen = 0, {}, set()
     for name, module in model.named_modules():
+        linear = isinstance(module, LinearBase)
+        held = (getattr(module, "input_size_per_partition", module.input_size),
+                getattr(module, "output_size_per_partition", module.output_size)) if linear else None
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue  # a tied output head is the embedding's own tensor
             seen.add(id(param))
             weight_bytes += param.numel() * param.element_size()
-            if isinstance(module, LinearBase) and param_name == "weight" and param.numel() == 0:
-                weight_bytes += (getattr(module, "input_size_per_partition", module.input_size)
-                                 * getattr(module, "output_size_per_partition", module.output_size)
-                                 * module.params_dtype.itemsize)
-        if isinstance(module, LinearBase) and first in name:
-            projections[name.split(first, 1)[1]] = (getattr(module, "input_size_per_partition", module.input_size),
-                                                    getattr(module, "output_size_per_partition", module.output_size))
+            if linear and param_name == "weight" and param.numel() == 0:  # repacked out of the parameter's reach
+                weight_bytes += held[0] * held[1] * module.params_dtype.itemsize
+        if linear and first in name:
+            projections[name.split(first, 1)[1]] = held
     world, tp, pp = parallel_state.get_world_group(), parallel_state.get_tp_group(), parallel_state.get_pp_group()
     return RankFacts(world.rank, world.world_size, tp.rank_in_group, pp.rank_in_group, weight_bytes, layers,
                      sum(t.nbytes for t in runner.kv_caches), projections,
