@@ -1,5 +1,5 @@
 """An engine split over ranks, measured the same way at any size: the prompts' greedy tokens, what each rank holds
-(`Engine.ranks()`), the communication calls one step needs, and the step time.
+(`Engine.ranks()`), the communication calls each forward pass makes, and the run's time.
 
 vLLM starts and drives its own rank processes, so `measure_ranks` loads it with `wb.load` like any engine. DeepSpeed
 needs one process per rank, each loading the engine itself: `measure_ranks` then starts them with torchrun and

@@ -65,7 +65,8 @@ class DeepSpeedEngine(TransformersEngine):
                                                                    "tensor_parallel": self.tp_note})
 
     def _ranks(self) -> list[RankFacts]:
-        """This process's rank only: DeepSpeed runs one process per rank, each with an engine of its own."""
+        """This process's rank only: DeepSpeed runs one process per rank, each with an engine of its own. Its KV
+        cache is 0: generate's cache lives only during a call."""
         import torch.distributed as dist
 
         model = self.hf_model

@@ -176,7 +176,7 @@ class Engine(ABC):
     def ranks(self) -> list[RankFacts]:
         """What each rank of the engine holds (one rank when it does not split the model): its bytes of weights,
         its decoder layers, its KV cache, its first layer's projections as it holds them, and the communication
-        calls it has made since loading (count them around a call to see what one step needs).
+        calls and forward passes it has made since loading (take both around a call: calls per forward pass).
 
         >>> [(r.rank, r.layers) for r in engine.ranks()]      # vllm, pipeline_parallel_size=2      # doctest: +SKIP
         [(0, (0, 15)), (1, (15, 30))]
