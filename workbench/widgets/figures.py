@@ -257,10 +257,14 @@ def scheduled_tokens_figure(trace: Trace, budget: int | None = None) -> go.Figur
     With chunked prefill a long prompt's prefill is a run of chunks that fill what the decoding requests leave of
     the budget (`budget`, drawn as a line when given); without it, one step carries the whole prompt."""
     palette = request_colors(trace)
+    by_request: dict[str, list[tuple[int, int, str]]] = {}
+    for s in trace.steps:
+        for r in s.requests:
+            if r.scheduled_tokens:
+                by_request.setdefault(r.request_id, []).append((s.step, r.scheduled_tokens, r.state))
     figure = go.Figure()
     for q in trace.requests:
-        points = [(s.step, r.scheduled_tokens, r.state) for s in trace.steps for r in s.requests
-                  if r.request_id == q.request_id and r.scheduled_tokens]
+        points = by_request.get(q.request_id)
         if points:
             figure.add_bar(x=[p[0] for p in points], y=[p[1] for p in points], name=q.request_id,
                            marker_color=palette[q.request_id], customdata=[p[2] for p in points],
