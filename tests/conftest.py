@@ -30,6 +30,29 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ not in FAST_MODULES:
             item.add_marker(pytest.mark.slow)
+    # `make test` compiles llama-server beside the tests: the ones that need it go last (a stable sort)
+    items.sort(key=lambda item: item.get_closest_marker("llama_server") is not None)
+
+
+def llama_server_or_skip() -> None:
+    """Return once llama-server is built: `make test` builds it beside the tests and names the file its exit code
+    goes to (WORKBENCH_LLAMA_BUILD_RC), so wait for that; without a build under way, skip where none was built."""
+    from workbench.errors import WorkbenchError
+    from workbench.servers import llama_server_binary
+
+    rc_file = os.environ.get("WORKBENCH_LLAMA_BUILD_RC")
+    if rc_file:
+        deadline = time.monotonic() + 3600
+        while not os.path.exists(rc_file):
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama-server's build did not end within an hour (no {rc_file})")
+            time.sleep(2)
+        if open(rc_file).read().strip() != "0":
+            pytest.fail("llama-server's build failed: see build/llama-server.out")
+    try:
+        llama_server_binary()
+    except WorkbenchError as exc:
+        pytest.skip(str(exc))
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -87,8 +110,14 @@ def quickstart_report(tmp_path_factory) -> Path:
     return out
 
 
+# Notebooks that watch a server are given the session's vLLM servers (their `url` parameter, as a user points them
+# at a server of theirs) rather than each starting one more: 06 the first, 07 the second, whose batch cap is 07's
+# max_batch_size. Each notebook reads the server's counters as differences over its own run.
+SERVER_NOTEBOOKS = {"06_serving_dashboard": 0, "07_load_sweep": 1}
+
+
 @pytest.fixture(scope="session")
-def notebook_report(tmp_path_factory):
+def notebook_report(tmp_path_factory, session_servers):
     """`notebook_report(name)` executes notebooks/NAME.ipynb with its default parameters once per session and
     returns (executed notebook, HTML page); the notebook tests check the results, the browser test the page."""
     out = tmp_path_factory.mktemp("notebook-reports")
@@ -96,8 +125,11 @@ def notebook_report(tmp_path_factory):
 
     def run(name: str) -> tuple[Path, Path]:
         if name not in done:
+            parameters = {}
+            if session_servers and name in SERVER_NOTEBOOKS:
+                parameters = {"url": session_servers[SERVER_NOTEBOOKS[name]].url, "api_key_env": SERVER_KEY_ENV}
             start = time.perf_counter()
-            done[name] = run_notebook(NOTEBOOKS / f"{name}.ipynb", out_dir=out, progress_bar=False)
+            done[name] = run_notebook(NOTEBOOKS / f"{name}.ipynb", parameters, out_dir=out, progress_bar=False)
             NOTEBOOK_SECONDS[name] = time.perf_counter() - start
         return done[name]
 
@@ -108,15 +140,16 @@ SERVER_KEY_ENV = "WORKBENCH_TEST_SERVER_KEY"
 
 
 @pytest.fixture(scope="session")
-def vllm_servers():
-    """Two of vLLM's OpenAI servers on localhost (SmolLM2, float32), started together once per session; each asks for
-    an API key, read from an environment variable on both sides. The openai engine's tests use the first, the
-    replica tests both (and stop the second last)."""
+def session_servers():
+    """Two of vLLM's OpenAI servers on localhost (SmolLM2, float32), started together once per session (none
+    without vLLM); each asks for an API key, read from an environment variable on both sides. The second caps its
+    batch at 4 requests (notebook 07's max_batch_size)."""
     if not HAVE_VLLM:
-        pytest.skip("vllm is not installed (the test servers are vLLM's)")
+        yield None
+        return
     os.environ.setdefault(SERVER_KEY_ENV, secrets.token_hex(16))
     started = [start_vllm_server("smollm2-135m", api_key_env=SERVER_KEY_ENV, max_model_len=2048, kv_cache_gb=0.5,
-                                 timeout_s=None) for _ in range(2)]
+                                 timeout_s=None, extra_args=extra) for extra in ((), ("--max-num-seqs", "4"))]
     try:
         for server in started:
             server.wait_ready(300)
@@ -124,3 +157,12 @@ def vllm_servers():
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(session_servers):
+    """The session's two vLLM servers: the openai engine's tests use the first, the replica tests both (and stop
+    the second last)."""
+    if not session_servers:
+        pytest.skip("vllm is not installed (the test servers are vLLM's)")
+    return session_servers

@@ -58,6 +58,7 @@ def jupyterlab(tmp_path_factory):
     """A JupyterLab server on localhost over a copy of notebooks/ (so the sources stay clean): its URL and token."""
     root = tmp_path_factory.mktemp("lab")
     shutil.copytree(ROOT / "notebooks", root, dirs_exist_ok=True)
+    _set_parameter(root / "00_quickstart.ipynb", "engine", "transformers-paged")
     port, token = _free_port(), secrets.token_hex(16)
     log = (root / "jupyterlab.log").open("w")
     server = subprocess.Popen(
@@ -79,6 +80,19 @@ def jupyterlab(tmp_path_factory):
     yield base, token
     server.terminate()
     server.wait(30)
+
+
+def _set_parameter(notebook: Path, name: str, value: str) -> None:
+    """Change one line of a notebook's parameters cell, as a user does before running it (papermill runs the
+    notebook with vLLM; here the quicker transformers-paged loads, and draws the same live KV block map)."""
+    import json
+
+    content = json.loads(notebook.read_text())
+    cell = next(c for c in content["cells"] if "parameters" in c["metadata"].get("tags", []))
+    lines = "".join(cell["source"]).splitlines(keepends=True)
+    cell["source"] = [f"{name} = {value!r}\n" if line.startswith(f"{name} = ") else line for line in lines]
+    assert cell["source"] != lines, f"no parameter {name!r} in {notebook.name}"
+    notebook.write_text(json.dumps(content, indent=1))
 
 
 def test_quickstart_in_jupyterlab_load_and_run_the_workbench(browser, jupyterlab):

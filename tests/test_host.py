@@ -109,27 +109,41 @@ def test_a_head_size_vllms_cpu_attention_has_no_kernel_for_is_refused_before_loa
 def test_the_next_load_takes_a_spare_worker_that_imported_the_engines_libraries_ahead(monkeypatch):
     from workbench.engines import host
 
+    def spare_for(name: str):
+        deadline = time.time() + 120
+        while name not in host._SPARES and time.time() < deadline:  # started in the background
+            time.sleep(0.2)
+        return host._SPARES[name]
+
     with wb.load("transformers", model="tiny-llama") as engine:
         first = answers(engine)
-    deadline = time.time() + 120
-    while "transformers" not in host._SPARES and time.time() < deadline:  # started in the background
-        time.sleep(0.2)
-    spare = host._SPARES["transformers"]
+    spare = spare_for("transformers")
     assert "torch" in spare.warm and "transformers" in spare.warm
     with wb.load("transformers", model="tiny-llama") as engine:
         assert engine.warm_worker and engine.process.pid == spare.process.pid
         assert answers(engine) == first
         for thread in os.listdir(f"/proc/{engine.process.pid}/task"):  # back at normal priority, every thread
             assert os.sched_getscheduler(int(thread)) == os.SCHED_OTHER
-    monkeypatch.setenv("WORKBENCH_SOME_SETTING", "1")  # the spare started before this: it would not see it
-    deadline = time.time() + 120
-    while "transformers" not in host._SPARES and time.time() < deadline:
-        time.sleep(0.2)
+    spare = spare_for("transformers")
+    with wb.load("transformers-paged", model="tiny-llama") as engine:  # the same libraries: it takes the spare
+        assert engine.warm_worker and engine.process.pid == spare.process.pid
+    spare_for("transformers-paged")
+    monkeypatch.setenv("WORKBENCH_SOME_SETTING", "1")  # reaches the spare at its load: it is still taken
+    with wb.load("transformers", model="tiny-llama") as engine:
+        assert engine.warm_worker
+    spare_for("transformers")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read as torch is imported: the spare imported it with the old one
     with wb.load("transformers", model="tiny-llama") as engine:
         assert not engine.warm_worker
-    deadline = time.time() + 120
-    while "transformers" not in host._SPARES and time.time() < deadline:
-        time.sleep(0.2)
+    if HAVE_VLLM:  # a spare that imported vLLM is left for vLLM: another engine starts a worker of its own
+        spare_for("transformers")
+        with host._SPARES_LOCK:
+            old = host._SPARES.pop("transformers")
+            host._SPARES["vllm"] = host._spawn(("torch", "vllm"))
+        host._end(old)
+        with wb.load("transformers", model="tiny-llama") as engine:
+            assert not engine.warm_worker
+    spare_for("transformers")
     process = host._SPARES["transformers"].process
     assert host.end_spare_workers() >= 1 and not host._SPARES and process.poll() is not None
     monkeypatch.setenv("WORKBENCH_SPARE_WORKERS", "0")  # no spares at all

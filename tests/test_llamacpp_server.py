@@ -6,16 +6,17 @@ from __future__ import annotations
 import pytest
 
 import workbench as wb
+from conftest import llama_server_or_skip
 from workbench.errors import WorkbenchError
-from workbench.servers import llama_server_binary, start_llamacpp_server
+from workbench.servers import start_llamacpp_server
 from workbench.workload import make_workload
 
-try:
-    llama_server_binary()
-    BUILT = True
-except WorkbenchError:
-    BUILT = False
-pytestmark = pytest.mark.skipif(not BUILT, reason="llama-server is not built (make llama-server)")
+pytestmark = pytest.mark.llama_server
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _built():
+    llama_server_or_skip()
 
 QUESTION = "What is the capital of France?"
 

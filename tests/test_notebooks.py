@@ -10,7 +10,7 @@ import time
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM, NOTEBOOK_SECONDS, NOTEBOOKS
+from conftest import HAVE_VLLM, NOTEBOOK_SECONDS, NOTEBOOKS, llama_server_or_skip
 from workbench.report import read_results, run_notebook
 
 
@@ -159,14 +159,9 @@ def test_serving_dashboard_notebook_on_transformers_serve(tmp_path):
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"] == 2
 
 
+@pytest.mark.llama_server
 def test_serving_dashboard_notebook_on_llamacpp_server(tmp_path):
-    from workbench.errors import WorkbenchError
-    from workbench.servers import llama_server_binary
-
-    try:
-        llama_server_binary()
-    except WorkbenchError as exc:
-        pytest.skip(str(exc))
+    llama_server_or_skip()
     results, page = run_dashboard("llama.cpp", {"start_server": "llama.cpp", "requests": 8, "output_tokens": 32},
                                   tmp_path)
     assert results["server_kind"] == "llamacpp"

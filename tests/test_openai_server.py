@@ -12,10 +12,9 @@ import threading
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM, SERVER_KEY_ENV
+from conftest import HAVE_VLLM, SERVER_KEY_ENV, llama_server_or_skip
 from workbench.analysis import serving_metrics
-from workbench.errors import WorkbenchError
-from workbench.servers import free_port, llama_server_binary, start_llamacpp_server
+from workbench.servers import free_port, start_llamacpp_server
 from workbench.widgets.figures import STATE_CODES, memory_series, throughput_series, timeline_matrix
 from workbench.workload import Request, make_workload
 
@@ -138,11 +137,9 @@ def test_a_server_slower_than_the_timeout(server, remote):
     assert "Paris" in remote.generate(QUESTION, max_tokens=16, temperature=0)[0].text
 
 
+@pytest.mark.llama_server
 def test_a_stream_cut_off_midway():
-    try:
-        llama_server_binary()
-    except WorkbenchError as exc:
-        pytest.skip(str(exc))
+    llama_server_or_skip()
     # a server of its own (llama.cpp's starts in a second): this one dies mid-answer
     with start_llamacpp_server("smollm2-135m", parallel=1, context_per_request=1024) as dying, \
             wb.load("openai", url=dying.url, model=dying.model) as remote:

@@ -146,5 +146,5 @@ def load(engine: str, model: str | None = None, isolate: bool = True, **options:
     if isolate:
         from workbench.engines.host import EngineProxy
 
-        return EngineProxy(cls, resolved, options)
+        return EngineProxy(cls, resolved, options, SPECS[engine].requires)
     return cls(resolved, **options)

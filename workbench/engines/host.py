@@ -12,8 +12,7 @@ worker, not the kernel: the call that was running raises `EngineCrashedError`, n
 doing and the last lines of its log, and a new `load` works.
 
 A fresh interpreter pays for importing torch, transformers or vLLM again (seconds, where a second load in the kernel
-paid nothing), so once an engine has loaded, a spare worker imports what its worker imported, on spare CPU, and the
-next load of that engine takes it.
+paid nothing), so as each load starts, a spare worker starts importing for the next one, on spare CPU.
 """
 
 from __future__ import annotations
@@ -79,10 +78,12 @@ class EngineProxy(Engine):
     >>> engine.close()                # the worker exits: all its memory is back                    # doctest: +SKIP
     """
 
-    def __init__(self, adapter: type[Engine], model: ResolvedModel, options: dict[str, Any]) -> None:
+    def __init__(self, adapter: type[Engine], model: ResolvedModel, options: dict[str, Any],
+                 requires: Sequence[str] = ()) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
         self.name = adapter.name
+        self.packages = {module.partition(".")[0] for module in requires}  # what the engine imports
         self.adapter = adapter  # crosses the pipe by reference: the worker imports its module
         self.model = model
         self.options = dict(options)
@@ -108,9 +109,11 @@ class EngineProxy(Engine):
 
     # ---- the worker --------------------------------------------------------------------------------------------
     def _start_worker(self) -> None:
-        worker = _take_spare(self.name) or _spawn()
+        worker = _take_spare(self.packages) or _spawn()
+        _keep_spare(self.name, self.packages)  # for the next load
         self.process, self._conn, self.log = worker.process, worker.conn, worker.log
-        self.warm_worker = worker.warm != ()  # a spare that had imported the engine's libraries beforehand
+        self.warm_worker = worker.warm != ()  # a spare that had imported libraries beforehand
+        self._conn.send(dict(os.environ))  # the environment as it is now, not as it was when the worker started
         self._conn.send((self.adapter, self.name, self.model, self.options, engine_log()))
         self._ready: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"workbench-{self.name}-events", daemon=True)
@@ -132,7 +135,7 @@ class EngineProxy(Engine):
         self.load_seconds = value["load_seconds"]
         self.worker_start_seconds = time.perf_counter() - start - self.load_seconds  # spawning and importing
         self._doing = "idle"
-        _keep_spare(self.name, value["imported"])
+        _IMPORTED[self.name] = tuple(value["imported"])
 
     def _read(self) -> None:
         """The kernel side's reader: hands each message to the call it belongs to; a closed pipe is a dead worker."""
@@ -383,7 +386,8 @@ class _Worker:
 def _spawn(warm: Sequence[str] = ()) -> _Worker:
     """A new interpreter (never a fork: CUDA, threads and locks do not survive one), started as a module so that
     nothing of the caller's script runs again in it; it connects back over a Unix socket with a secret key, handed
-    over its standard input (never on a command line) with the modules to import while it waits."""
+    over its standard input (never on a command line) with the modules to import while it waits. A spare (with
+    modules to import) runs at idle priority from its first instruction, where it can be raised again."""
     log = Path(tempfile.mkstemp(prefix="workbench-worker-", suffix=".log")[1])
     folder = tempfile.mkdtemp(prefix="workbench-engine-")
     address, key = os.path.join(folder, "socket"), secrets.token_bytes(32)
@@ -393,6 +397,11 @@ def _spawn(warm: Sequence[str] = ()) -> _Worker:
                 process = subprocess.Popen([sys.executable, "-m", "workbench.engines.host", address],
                                            stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT)
             _WORKERS.add(process)
+            if warm and _can_raise_priority():
+                try:
+                    os.sched_setscheduler(process.pid, os.SCHED_IDLE, os.sched_param(0))
+                except OSError:
+                    pass
             process.stdin.write("\n".join([key.hex(), *warm]).encode() + b"\n")
             process.stdin.close()
             conn = _accept(listener, process, log)
@@ -418,38 +427,59 @@ def _accept(listener: Listener, process: subprocess.Popen, log: Path) -> Any:
     raise WorkbenchError(f"an engine's process did not start within {_LOAD_TIMEOUT_S} s.")
 
 
-# A spare worker per engine: started once an engine has loaded, it imports what that engine's worker imported
-# (torch, transformers, vLLM: most of a second load's time in a fresh process) while the kernel gets on with its
-# work, at idle priority where it can be raised again, and waits. The next load of that engine takes it.
-_SPARES: dict[str, _Worker] = {}
+# One spare worker at a time: started as each load starts (so that its imports overlap that load rather than the
+# runs after it), it imports what the last worker of that engine imported (torch, transformers, vLLM: most of a load's
+# time in a fresh process; the base every engine imports, before the engine's first load), at idle priority where it
+# can be raised again, and waits. The next load takes it when it imported nothing but the base and what that engine
+# itself needs: a vLLM spare serves vLLM, a transformers spare serves every engine.
+_SPARES: dict[str, _Worker] = {}  # engine name -> its spare (at most one entry)
 _SPARES_LOCK = threading.Lock()
+_IMPORTED: dict[str, tuple[str, ...]] = {}  # engine name -> the modules its last worker imported, in order
+_BASE_MODULES = ("torch", "transformers", "transformers.modeling_utils", "transformers.generation", "safetensors.torch")
+_BASE_PACKAGES = {"torch", "transformers", "safetensors", "accelerate", "workbench"}
+# Read by the libraries as they are imported (thread pools, devices, the interpreter itself): a spare that imported
+# before one of these changed would run with the old value. Any other variable reaches the worker at its load.
+_IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH_", "PYTORCH_", "LD_",
+                    "PYTHON")
 
 
-def _take_spare(name: str) -> _Worker | None:
+def _take_spare(packages: set[str]) -> _Worker | None:
+    """The spare, if it suits an engine that imports `packages`, is alive, and imported with the import-time
+    environment of now."""
     with _SPARES_LOCK:
-        worker = _SPARES.pop(name, None)
-    if worker is None:
-        return None
-    if worker.process.poll() is None and worker.environment == dict(os.environ):
+        if not _SPARES:
+            return None
+        owner, worker = next(iter(_SPARES.items()))
+        foreign = {module.partition(".")[0] for module in worker.warm} - _BASE_PACKAGES - packages
+        if foreign:
+            return None  # it imported another engine's libraries (vLLM's, DeepSpeed's): left for that engine
+        del _SPARES[owner]
+    now = dict(os.environ)
+    changed = {k for k in worker.environment.keys() | now.keys() if worker.environment.get(k) != now.get(k)}
+    if worker.process.poll() is None and not any(k.startswith(_IMPORT_TIME_ENV) for k in changed):
         return worker
-    _end(worker)  # dead, or started before the environment changed (the engine would read the old one)
+    _end(worker)  # dead, or its imports read a variable that has changed since
     return None
 
 
-def _keep_spare(name: str, imported: Sequence[str]) -> None:
-    """Start a spare worker for `name` in the background, unless `WORKBENCH_SPARE_WORKERS=0`."""
+def _keep_spare(name: str, packages: set[str]) -> None:
+    """Start a spare worker for the next load of engine `name` (which imports `packages`) in the background; it
+    replaces the one there. Not with `WORKBENCH_SPARE_WORKERS=0`."""
     if os.environ.get("WORKBENCH_SPARE_WORKERS", "1") == "0":
         return
+    modules = _IMPORTED.get(name) or (*_BASE_MODULES, *sorted(packages - _BASE_PACKAGES))
 
     def start() -> None:
         try:
-            worker = _spawn(imported)
+            worker = _spawn(modules)
         except WorkbenchError:
             return
         with _SPARES_LOCK:
-            old, _SPARES[name] = _SPARES.get(name), worker
-        if old is not None:
-            _end(old)
+            old = list(_SPARES.values())
+            _SPARES.clear()
+            _SPARES[name] = worker
+        for spare in old:
+            _end(spare)
 
     threading.Thread(target=start, name=f"workbench-{name}-spare", daemon=True).start()
 
@@ -511,6 +541,10 @@ def _serve_engine(conn, warm: Sequence[str] = ()) -> None:
     faulthandler.enable()  # a native crash leaves the Python stack in the log: the kernel quotes its last lines
     _warm_up(conn, warm)
     try:
+        environment = conn.recv()
+        for key in set(os.environ) - set(environment):
+            del os.environ[key]
+        os.environ.update(environment)
         before = set(sys.modules)
         adapter, name, model, options, log = conn.recv()  # unpickling the adapter imports its module
         if log is not None:  # the kernel sends its engine log records to a file: so do its workers
@@ -550,12 +584,31 @@ def _serve_engine(conn, warm: Sequence[str] = ()) -> None:
         message = calls.get()
         if message[0] == "close":
             engine.close()
-            return
+            _exit_now()
         _, call_id, method, args, kwargs = message
         try:
             send(("result", call_id, _answer(engine, call_id, method, args, kwargs, send)))
         except BaseException as exc:  # noqa: BLE001 - the kernel raises it
             send(("error", call_id, _picklable(exc)))
+
+
+def _exit_now() -> None:
+    """End the worker once its engine has closed, without the interpreter's teardown (a second or more with torch
+    loaded, and nothing in it the kernel needs): the log is flushed first, and any process the engine started and
+    left running (a rank's worker) is ended, as the atexit handlers skipped here would."""
+    import logging
+
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.terminate()
+    for child in psutil.wait_procs(children, timeout=5)[1]:
+        child.kill()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _answer(engine: Engine, call_id: int, method: str, args: tuple, kwargs: dict, send) -> Any:
@@ -593,16 +646,21 @@ def _picklable(exc: BaseException) -> BaseException:
 _WARM_PACKAGES = {"torch", "transformers", "vllm", "deepspeed", "tensorrt_llm", "accelerate", "safetensors"}
 
 
+def _can_raise_priority() -> bool:
+    """Whether a process of this user may go from SCHED_IDLE back to normal scheduling."""
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
 def _warm_up(conn, modules: Sequence[str]) -> None:
     """Import `modules` while the kernel has not yet said which engine to load: at idle priority (only spare CPU)
     where this process may raise it again, back at normal priority as soon as the kernel asks."""
     if not modules:
         return
     import importlib
-    import resource
 
-    can_raise = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20  # SCHED_IDLE -> OTHER
-    if can_raise:
+    if _can_raise_priority():
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         asked = threading.Event()
 

@@ -60,9 +60,11 @@ class StreamClient:
         tracing = aiohttp.TraceConfig()
         tracing.on_request_chunk_sent.append(_stamp_sent)
         # No cap on connections: a run may hold hundreds of streams at once. `sock_read` bounds the wait for each
-        # read, not the whole answer, which may stream for minutes.
+        # read, not the whole answer, which may stream for minutes. An idle connection is dropped after 4 s, before
+        # the servers drop it themselves (llama.cpp's and uvicorn's after 5 s): a request sent on a connection the
+        # server has just closed fails with "Server disconnected".
         return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
             trace_configs=[tracing])
 
