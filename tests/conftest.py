@@ -30,29 +30,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ not in FAST_MODULES:
             item.add_marker(pytest.mark.slow)
-    # `make test` compiles llama-server beside the tests: the ones that need it go last (a stable sort)
-    items.sort(key=lambda item: item.get_closest_marker("llama_server") is not None)
 
 
 def llama_server_or_skip() -> None:
-    """Return once llama-server is built: `make test` builds it beside the tests and names the file its exit code
-    goes to (WORKBENCH_LLAMA_BUILD_RC), so wait for that; without a build under way, skip where none was built."""
+    """Skip unless llama.cpp's llama-server is built (`make test` builds it before the tests)."""
     from workbench.errors import WorkbenchError
     from workbench.servers import llama_server_binary
 
-    rc_file = os.environ.get("WORKBENCH_LLAMA_BUILD_RC")
-    if rc_file:
-        deadline = time.monotonic() + 3600
-        while not os.path.exists(rc_file):
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama-server's build did not end within an hour (no {rc_file})")
-            time.sleep(2)
-        if open(rc_file).read().strip() != "0":
-            pytest.fail("llama-server's build failed: see build/llama-server.out")
     try:
         llama_server_binary()
     except WorkbenchError as exc:
         pytest.skip(str(exc))
+
+
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

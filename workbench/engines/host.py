@@ -113,7 +113,9 @@ class EngineProxy(Engine):
         _keep_spare(self.name, self.packages)  # for the next load
         self.process, self._conn, self.log = worker.process, worker.conn, worker.log
         self.warm_worker = worker.warm != ()  # a spare that had imported libraries beforehand
-        self._conn.send(dict(os.environ))  # the environment as it is now, not as it was when the worker started
+        # what changed in this environment since the worker started (its own imports' settings stay as they are)
+        now, then = dict(os.environ), worker.environment or {}
+        self._conn.send(({k: v for k, v in now.items() if then.get(k) != v}, [k for k in then if k not in now]))
         self._conn.send((self.adapter, self.name, self.model, self.options, engine_log()))
         self._ready: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"workbench-{self.name}-events", daemon=True)
@@ -541,10 +543,10 @@ def _serve_engine(conn, warm: Sequence[str] = ()) -> None:
     faulthandler.enable()  # a native crash leaves the Python stack in the log: the kernel quotes its last lines
     _warm_up(conn, warm)
     try:
-        environment = conn.recv()
-        for key in set(os.environ) - set(environment):
-            del os.environ[key]
-        os.environ.update(environment)
+        changed, removed = conn.recv()  # the kernel's environment now, against the one this process started with
+        os.environ.update(changed)
+        for key in removed:
+            os.environ.pop(key, None)
         before = set(sys.modules)
         adapter, name, model, options, log = conn.recv()  # unpickling the adapter imports its module
         if log is not None:  # the kernel sends its engine log records to a file: so do its workers
