@@ -108,8 +108,9 @@ SERVER_NOTEBOOKS = {"06_serving_dashboard": 0, "07_load_sweep": 1}
 
 @pytest.fixture(scope="session")
 def notebook_report(tmp_path_factory, session_servers):
-    """`notebook_report(name)` executes notebooks/NAME.ipynb with its default parameters once per session and
-    returns (executed notebook, HTML page); the notebook tests check the results, the browser test the page."""
+    """`notebook_report(name)` executes notebooks/NAME.ipynb once per session, with its default parameters (and a
+    session server's `url` for SERVER_NOTEBOOKS), and returns (executed notebook, HTML page); the notebook tests
+    check the results, the browser test the page."""
     out = tmp_path_factory.mktemp("notebook-reports")
     done: dict[str, tuple[Path, Path]] = {}
 
