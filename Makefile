@@ -73,8 +73,8 @@ LLAMA_RC := $(CURDIR)/build/llama-server.rc
 
 test:
 	@mkdir -p build; rm -f $(LLAMA_RC); status=0; begin=$$(date +%s); \
-	( $(MAKE) --no-print-directory $(LLAMA_CACHED) > build/llama-server.out 2>&1; echo $$? > $(LLAMA_RC).tmp; \
-	  echo $$(( $$(date +%s) - begin )) > build/llama-server.seconds; mv $(LLAMA_RC).tmp $(LLAMA_RC) ) & \
+	( $(MAKE) --no-print-directory $(LLAMA_CACHED) > build/llama-server.out 2>&1; echo $$? > $(LLAMA_RC); \
+	  echo $$(( $$(date +%s) - begin )) > build/llama-server.seconds ) & \
 	( $(MAKE) --no-print-directory browser > build/browser.out 2>&1; echo $$? > build/browser.rc; \
 	  echo $$(( $$(date +%s) - begin )) > build/browser.seconds ) & \
 	times=""; for phase in install lint; do \
@@ -86,8 +86,7 @@ test:
 	times="$$times, browser $$(cat build/browser.seconds) s and llama-server $$(cat build/llama-server.seconds) s \
 	(beside them; waited $$(( $$(date +%s) - start )) s more)"; \
 	if [ $$status = 0 ]; then \
-		start=$$(date +%s); \
-		$(MAKE) --no-print-directory llama-server tests || status=$$?; \
+		start=$$(date +%s); $(MAKE) --no-print-directory llama-server tests || status=$$?; \
 		times="$$times, tests $$(( $$(date +%s) - start )) s"; \
 	fi; \
 	echo "make test phases: $${times#, }$$( [ $$status = 0 ] || echo ': FAILED')"; exit $$status

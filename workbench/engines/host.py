@@ -113,9 +113,7 @@ class EngineProxy(Engine):
         _keep_spare(self.name, self.packages)  # for the next load
         self.process, self._conn, self.log = worker.process, worker.conn, worker.log
         self.warm_worker = worker.warm != ()  # a spare that had imported libraries beforehand
-        # what changed in this environment since the worker started (its own imports' settings stay as they are)
-        now, then = dict(os.environ), worker.environment or {}
-        self._conn.send(({k: v for k, v in now.items() if then.get(k) != v}, [k for k in then if k not in now]))
+        self._conn.send(_environment_changes(worker))  # its own imports' settings stay as they are
         self._conn.send((self.adapter, self.name, self.model, self.options, engine_log()))
         self._ready: queue.Queue = queue.Queue()
         self._reader = threading.Thread(target=self._read, name=f"workbench-{self.name}-events", daemon=True)
@@ -456,12 +454,18 @@ def _take_spare(packages: set[str]) -> _Worker | None:
         if foreign:
             return None  # it imported another engine's libraries (vLLM's, DeepSpeed's): left for that engine
         del _SPARES[owner]
-    now = dict(os.environ)
-    changed = {k for k in worker.environment.keys() | now.keys() if worker.environment.get(k) != now.get(k)}
-    if worker.process.poll() is None and not any(k.startswith(_IMPORT_TIME_ENV) for k in changed):
+    changed, removed = _environment_changes(worker)
+    if worker.process.poll() is None and not any(k.startswith(_IMPORT_TIME_ENV) for k in [*changed, *removed]):
         return worker
     _end(worker)  # dead, or its imports read a variable that has changed since
     return None
+
+
+def _environment_changes(worker: _Worker) -> tuple[dict[str, str], list[str]]:
+    """What changed in this process's environment since `worker` started: the variables set or changed since, and
+    those removed."""
+    now, then = dict(os.environ), worker.environment or {}
+    return {k: v for k, v in now.items() if then.get(k) != v}, [k for k in then if k not in now]
 
 
 def _keep_spare(name: str, packages: set[str]) -> None:
