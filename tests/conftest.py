@@ -43,6 +43,24 @@ def llama_server_or_skip() -> None:
         pytest.skip(str(exc))
 
 
+def assert_client_matches_server(m: dict, at: object = None) -> None:
+    """Assert that one run's client means (`serving_metrics`) are the vLLM server's own histograms' means.
+
+    vLLM starts a request's clock when it has parsed and rendered it; the client starts it at sending. That wait
+    (it grows with the requests arriving together and the load on the cores) comes before the first token and the
+    last alike, so the client's TTFT and E2E exceed the server's by one offset, and its ITL matches outright.
+    """
+    seen = (at, {name: f"client {m[f'mean_{name}_ms']:.1f} ms, server {m[f'engine_mean_{name}_ms']:.1f} ms"
+                 for name in ("ttft", "itl", "e2el")})
+    for name in ("itl", "e2el"):
+        client, server = m[f"mean_{name}_ms"], m[f"engine_mean_{name}_ms"]
+        assert abs(client - server) < max(0.05 * server, 15), seen
+    ttft_offset = m["mean_ttft_ms"] - m["engine_mean_ttft_ms"]
+    e2el_offset = m["mean_e2el_ms"] - m["engine_mean_e2el_ms"]
+    assert 0 <= ttft_offset < max(0.15 * m["engine_mean_ttft_ms"], 15), seen
+    assert abs(ttft_offset - e2el_offset) < 15 + 0.01 * m["engine_mean_ttft_ms"], seen
+
+
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM, SERVER_KEY_ENV, llama_server_or_skip
+from conftest import HAVE_VLLM, SERVER_KEY_ENV, assert_client_matches_server, llama_server_or_skip
 from workbench.analysis import serving_metrics
 from workbench.servers import free_port, start_llamacpp_server
 from workbench.widgets.figures import STATE_CODES, memory_series, throughput_series, timeline_matrix
@@ -70,19 +70,16 @@ PROMPT = " ".join(("Summarize the following notes in one paragraph. " + NOTES * 
 
 
 @pytest.mark.parametrize("concurrent", [8, 64])
-def test_the_clients_latencies_are_the_servers_own_within_5_percent(remote, concurrent):
+def test_the_clients_latencies_are_the_servers_own_plus_one_arrival_offset(remote, concurrent):
     trace = remote.run([Request(PROMPT, max_tokens=64, ignore_eos=True) for _ in range(concurrent)])
     assert [r.metrics.prompt_tokens for r in trace.results] == [141] * concurrent
     assert [r.metrics.generated_tokens for r in trace.results] == [64] * concurrent
     counters = trace.engine_counters  # the server's histograms, read from /metrics before and after the run
     assert counters["ttft_count"] == counters["e2el_count"] == concurrent
     assert counters["itl_count"] == concurrent * 63
-    metrics = serving_metrics(trace)
-    for name in ("ttft", "itl", "e2el"):
-        ratio = metrics[f"mean_{name}_ms"] / metrics[f"engine_mean_{name}_ms"]
-        assert abs(ratio - 1) < 0.05, f"{name}: client {metrics[f'mean_{name}_ms']:.1f} ms, server " \
-                                      f"{metrics[f'engine_mean_{name}_ms']:.1f} ms"
-    assert metrics["max_concurrent_requests"] == concurrent
+    m = serving_metrics(trace)
+    assert_client_matches_server(m)
+    assert m["max_concurrent_requests"] == concurrent
 
 
 def test_a_closed_loop_against_a_server(remote):
