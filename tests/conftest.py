@@ -21,7 +21,7 @@ ENGINES = ["transformers", "transformers-paged", "vllm", "deepspeed"]
 
 # The fast layer (`pytest -m "not slow"`): modules that load no engine, model, server, notebook or browser. Every
 # other test is marked slow here.
-FAST_MODULES = {"test_arrivals", "test_interface", "test_layers", "test_packaging", "test_registry",
+FAST_MODULES = {"test_arrivals", "test_interface", "test_layers", "test_packaging", "test_registry", "test_sysmem",
                 "test_saved_traces", "test_server_metrics", "test_serving_metrics", "test_tgi_requests",
                 "test_workload"}
 

@@ -10,7 +10,14 @@ import time
 import pytest
 
 import workbench as wb
-from conftest import HAVE_VLLM, NOTEBOOK_SECONDS, NOTEBOOKS, assert_client_matches_server, llama_server_or_skip
+from conftest import (
+    HAVE_DEEPSPEED,
+    HAVE_VLLM,
+    NOTEBOOK_SECONDS,
+    NOTEBOOKS,
+    assert_client_matches_server,
+    llama_server_or_skip,
+)
 from workbench.report import read_results, run_notebook
 
 
@@ -98,6 +105,23 @@ def test_memory_notebook(notebook_report):
     if "vllm float32" in rows:
         check = results["vllm_check"]  # vLLM's own admission sum agrees with the workbench's
         assert check["workbench_requests_that_fit"] == int(check["vllm_max_concurrency"])
+    offload = results["offload"]  # a weights budget smaller than the weights: measured, not configured
+    whole = offload["none"]
+    budgets = {name: row for name, row in offload.items() if name.endswith(" MiB")}
+    assert len(budgets) == 2
+    for name, row in budgets.items():
+        assert row["placement"].get("disk", 0) > 0 and row["offloaded_bytes"] > 0, name
+        assert row["weights_bytes"] - row["offloaded_bytes"] < row["weights_resident_peak_bytes"], name
+        assert row["weights_resident_peak_bytes"] <= row["budget_bytes"] < row["weights_bytes"], name
+        assert row["peak_bytes"] < whole["peak_bytes"], name  # the process's peak, below the unoffloaded run's
+        assert whole["answer"].startswith(row["answer"]), name  # greedy: the same tokens, fewer of them
+    if HAVE_DEEPSPEED:  # ZeRO-3 on a CPU: every partition stays in memory, plus the module gathered for its pass
+        zero = offload["DeepSpeed ZeRO-3, cpu"]
+        assert whole["answer"].startswith(zero["answer"])
+        assert zero["weights_bytes"] == whole["weights_bytes"] == zero["offloaded_bytes"]
+        assert zero["weights_bytes"] < zero["weights_resident_peak_bytes"] <= zero["weights_bytes"] + 49152 * 576 * 4
+        nvme = "DeepSpeed ZeRO-3, nvme"  # runs where DeepSpeed's async_io op builds (libaio), is refused elsewhere
+        assert nvme in offload or "libaio" in results["offload_errors"][nvme]
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
 

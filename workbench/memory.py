@@ -34,7 +34,10 @@ def measure_memory(engine: str, model: str | None = None, dtype: str = "float32"
     Keys: baseline_bytes (the process with the engine's libraries imported), weights_bytes, kv_cache_bytes (paged
     engines: the block pool; `transformers`: the cache this request built), rest_bytes (the peak less all three:
     activations, buffers, allocator slack), peak_bytes, kv_bytes_per_token (config) and
-    kv_bytes_per_token_measured, load_s, answer, device. On a GPU the weights and KV cache are device memory:
+    kv_bytes_per_token_measured, load_s, answer, decode_tokens_per_s, device, file_backed_bytes (of the resident
+    memory after the run, pages of files the kernel can drop: a memory-mapped checkpoint, libraries); for an
+    engine that offloads (`max_memory=...`): budget_bytes, placement, offloaded_bytes, weights_resident_peak_bytes
+    (measured during the forward passes). On a GPU the weights and KV cache are device memory:
     gpu_loaded_bytes (torch's allocations once loaded), gpu_peak_bytes, and rest_bytes is the GPU peak less weights
     and KV cache. On failure, `error` holds the engine's own short message.
     """
@@ -61,7 +64,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from workbench.engines import SPECS, load
     from workbench.errors import WorkbenchError
-    from workbench.sysmem import device_memory, process_memory
+    from workbench.sysmem import device_memory, file_backed_bytes, process_memory
 
     row: dict[str, Any] = {"engine": spec["engine"], "dtype": spec["dtype"]}
     try:
@@ -78,6 +81,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
             result = engine.generate(spec["prompt"], max_tokens=spec["max_tokens"], temperature=0)[0]
             _, peak = process_memory()
             tokens = result.metrics.prompt_tokens + result.metrics.generated_tokens
+            decode = result.metrics.token_latencies_s[1:]  # the gaps after the first token
             kv_bytes = kv.bytes if facts.paged else round(kv.bytes_per_token * tokens)
             row.update(
                 baseline_bytes=baseline, loaded_bytes=loaded, peak_bytes=peak, weights_bytes=info.weight_bytes,
@@ -85,7 +89,17 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
                 kv_bytes_per_token=engine.kv_bytes_per_token, kv_bytes_per_token_measured=kv.bytes_per_token,
                 kv_source=kv.source, kv_token_slots=kv.token_slots if facts.paged else tokens,
                 paged=facts.paged, block_size=facts.block_size, max_model_len=facts.max_model_len,
-                load_s=engine.load_seconds, answer=result.text, device=info.device)
+                load_s=engine.load_seconds, answer=result.text, device=info.device,
+                file_backed_bytes=file_backed_bytes(),
+                decode_tokens_per_s=len(decode) / sum(decode) if decode else None)
+            try:
+                offload = engine.offload()
+            except WorkbenchError:  # an engine that does not offload
+                offload = None
+            if offload is not None:
+                row.update(budget_bytes=offload.budget_bytes, placement=offload.placement,
+                           offloaded_bytes=offload.offloaded_bytes,
+                           weights_resident_peak_bytes=offload.resident_peak_bytes)
             gpu_peak = device_memory(info.device)[1]
             if gpu_peak:  # on a GPU, in this process: weights and KV cache are GPU memory, not the process's
                 row.update(gpu_loaded_bytes=gpu_loaded, gpu_peak_bytes=gpu_peak,

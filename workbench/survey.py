@@ -102,7 +102,9 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("tensor and pipeline parallelism", ("vLLM", "DeepSpeed", "TGI", "TensorRT-LLM"), "08_parallelism.ipynb",
               "vLLM tensor and pipeline parallel and DeepSpeed AutoTP on two ranks: what each holds, the calls each "
               "forward pass makes, the same tokens as one rank"),
-    Technique("ZeRO and offload", ("DeepSpeed",), "", "not shown yet"),
+    Technique("ZeRO and offload", ("DeepSpeed", "Transformers"), "04_memory.ipynb",
+              "weights budgets smaller than the model, layers paged in from disk per pass (accelerate), and DeepSpeed "
+              "ZeRO-3's parameter offload: resident weights measured against decoding speed"),
     Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM"), "",
               "not shown yet: DeepSpeed's injection and TensorRT-LLM need an NVIDIA GPU"),
     Technique("quantization (GPTQ, AWQ, INT8, FP8)", ("TGI", "TensorRT-LLM"), "", "not shown yet"),

@@ -5,13 +5,40 @@ from __future__ import annotations
 
 def process_memory() -> tuple[int, int]:
     """(resident bytes now, peak resident bytes) of this process."""
-    import resource
-
     import psutil
 
     rss = psutil.Process().memory_info().rss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, and updated lazily
-    return rss, max(rss, peak)
+    return rss, max(rss, _peak_resident_bytes())
+
+
+def _peak_resident_bytes() -> int:
+    # The high-water mark of this process's own memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    # an exec from the process that forked, so a worker or a measuring process started from a 2 GiB kernel would
+    # read a 2 GiB peak of its own.
+    status = _proc_status("VmHWM")
+    if status is not None:
+        return status
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _proc_status(field: str) -> int | None:
+    """A size in bytes from /proc/self/status (VmHWM, RssFile ...), or None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def file_backed_bytes() -> int:
+    """Bytes of this process's resident memory that are pages of files (a memory-mapped checkpoint, libraries):
+    the kernel can drop them and read them again, unlike the rest. 0 where /proc does not say (not Linux)."""
+    return _proc_status("RssFile") or 0
 
 
 def device_memory(device: str) -> tuple[int, int]:

@@ -150,6 +150,27 @@ class EngineInfo:
 
 
 @dataclass(frozen=True)
+class OffloadFacts:
+    """Where an engine placed its weights under a memory budget, and the most of them resident at once, measured
+    during forward passes since loading (`placement`: device, "cpu" or "disk" -> modules placed there)."""
+
+    budget_bytes: int | None  # the budget for the engine's device; None: no budget (or accelerate's own dict)
+    placement: dict
+    weight_bytes: int
+    offloaded_bytes: int  # off the device between passes, paged in for each one
+    resident_peak_bytes: int
+
+    def _repr_markdown_(self) -> str:
+        MiB = 2**20
+        budget = "none" if self.budget_bytes is None else f"{self.budget_bytes / MiB:,.1f} MiB"
+        where = ", ".join(f"{n} on {d}" for d, n in self.placement.items())
+        rows = [("budget", budget), ("modules", where), ("weights", f"{self.weight_bytes / MiB:,.1f} MiB"),
+                ("offloaded", f"{self.offloaded_bytes / MiB:,.1f} MiB"),
+                ("resident at most", f"{self.resident_peak_bytes / MiB:,.1f} MiB")]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+@dataclass(frozen=True)
 class RankFacts:
     """What one rank of an engine holds and has said to the others: its share of the weights, the decoder layers
     it runs, its KV cache, a few projections of its first layer as it holds them, and its communication calls and

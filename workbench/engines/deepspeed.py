@@ -16,18 +16,23 @@ import os
 from dataclasses import replace
 from importlib.metadata import version
 
-from workbench.engines.hf_common import torch_dtype
+from workbench.engines.hf_common import pick_device, torch_dtype
 from workbench.engines.transformers import TransformersEngine
 from workbench.errors import UnsupportedOptionError
-from workbench.types import EngineInfo, RankFacts
+from workbench.types import EngineInfo, OffloadFacts, RankFacts
 
 
 class DeepSpeedEngine(TransformersEngine):
-    extra_options = ("device", "max_batch_size", "tensor_parallel_size", "kernel_inject")
+    extra_options = ("device", "max_batch_size", "tensor_parallel_size", "kernel_inject", "offload_param",
+                     "nvme_path")
 
     def _load(self) -> None:
         import deepspeed
 
+        self.offload_param = self.options.get("offload_param")
+        if self.offload_param is not None:
+            self._load_zero_inference(deepspeed)
+            return
         super()._load()  # the Hugging Face model, tokenizer settings and end-of-sequence ids
         wanted = self.options.get("kernel_inject")
         on_gpu = self.device.startswith("cuda")
@@ -58,8 +63,92 @@ class DeepSpeedEngine(TransformersEngine):
 
         self.hf_model.register_forward_pre_hook(count_pass)
 
+    def _load_zero_inference(self, deepspeed) -> None:
+        """ZeRO stage 3 for inference (ZeRO-Inference): each parameter's partition kept where `offload_param` says
+        ("cpu" or "nvme", a folder at `nvme_path`), a module's parameters gathered for its forward pass only."""
+        import tempfile
+
+        from transformers.integrations import HfDeepSpeedConfig
+
+        where = self.offload_param
+        self.device = pick_device(self.options.get("device"))
+        if where not in ("cpu", "nvme"):
+            raise UnsupportedOptionError(f"offload_param={where!r} is not a place DeepSpeed offloads to: use 'cpu' or "
+                                         f"'nvme' (with nvme_path, a folder).")
+        if self.options.get("kernel_inject") or int(self.options.get("tensor_parallel_size") or 1) > 1:
+            raise UnsupportedOptionError("offload_param (ZeRO stage 3) is used here without kernel_inject and "
+                                         "tensor_parallel_size: load with one or the other.")
+        param: dict = {"device": where, "pin_memory": False}
+        if where == "nvme":
+            from deepspeed.ops.op_builder import AsyncIOBuilder
+
+            if not AsyncIOBuilder().is_compatible():  # DeepSpeed's own check, before anything is loaded
+                raise UnsupportedOptionError(
+                    "offload_param='nvme' needs DeepSpeed's async_io op, which needs libaio's headers and library "
+                    "(`apt install libaio-dev`); they are not on this machine. offload_param='cpu' runs here.")
+            param["nvme_path"] = self.options.get("nvme_path") or tempfile.mkdtemp(prefix="workbench-zero-")
+        # Gathered parameters released after each module and none kept for reuse or prefetched: DeepSpeed's
+        # defaults keep up to 1e9 of them live, which for a small model is all of it, beside its partitions.
+        config = {"train_micro_batch_size_per_gpu": 1,
+                  "zero_optimization": {"stage": 3, "offload_param": param, "stage3_param_persistence_threshold": 0,
+                                        "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+                                        "stage3_prefetch_bucket_size": 0}}
+        if self.dtype in ("bfloat16", "bf16"):
+            config["bf16"] = {"enabled": True}
+        elif self.dtype in ("float16", "fp16"):
+            config["fp16"] = {"enabled": True}
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(name, value)  # one rank: no launcher needed
+        if not self.device.startswith("cuda"):
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _join_ranks
+        deepspeed.init_distributed(dist_backend="gloo" if not self.device.startswith("cuda") else None)
+        self._zero_config = HfDeepSpeedConfig(config)  # while it lives, from_pretrained partitions as it loads
+        TransformersEngine._load(self)
+        self.ds_engine = deepspeed.initialize(model=self.hf_model, config_params=config)[0]
+        self.hf_model = self.ds_engine.module.eval()
+        self.kernel_inject, self.kernel_note = False, f"off: ZeRO stage 3, parameters offloaded to {where}"
+        self.tp_note, self.collectives, self.forward_passes = "off", {}, 0
+        self._partitions_held = self._zero_partitions_held()
+        self._gathered: dict[int, int] = {}  # module -> bytes of its own parameters gathered when last seen
+        self.resident_peak_bytes = self._partitions_held
+
+        def see(module, *_):  # after ZeRO's own hooks: gathered on the way in, released on the way out
+            self._gathered[id(module)] = sum(p.data.nbytes for p in module.parameters(recurse=False))
+            self.resident_peak_bytes = max(self.resident_peak_bytes,
+                                           self._partitions_held + sum(self._gathered.values()))
+
+        for module in self.hf_model.modules():
+            if next(module.parameters(recurse=False), None) is not None:
+                module.register_forward_pre_hook(see)
+                module.register_forward_hook(see)
+
+    def _zero_partitions_held(self) -> int:
+        """Bytes of the parameters' partitions kept in this process's memory (all of them, offloaded to "cpu")."""
+        from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+        held = 0
+        for p in self.hf_model.parameters():
+            partition = getattr(p, "ds_tensor", None)
+            if partition is not None and getattr(partition, "status", None) != PartitionedParamStatus.NOT_AVAILABLE:
+                held += partition.nbytes
+        return held
+
+    def _offload(self) -> OffloadFacts:
+        if self.offload_param is None:
+            return super()._offload()
+        params = list(self.hf_model.parameters())
+        total = sum(p.ds_numel * p.element_size() for p in params)
+        return OffloadFacts(None, {self.offload_param: len(params)}, total, total, self.resident_peak_bytes)
+
     def _info(self) -> EngineInfo:
         info = super()._info()
+        if self.offload_param is not None:  # ZeRO-3 leaves an empty placeholder in each parameter
+            params = list(self.hf_model.parameters())
+            info = replace(info, parameters=sum(p.ds_numel for p in params),
+                           weight_bytes=sum(p.ds_numel * p.element_size() for p in params))
         engine_version = f"deepspeed {version('deepspeed')} (transformers {version('transformers')})"
         return replace(info, engine_version=engine_version, options={**info.options, "kernel_inject": self.kernel_note,
                                                                    "tensor_parallel": self.tp_note})
@@ -82,6 +171,7 @@ class DeepSpeedEngine(TransformersEngine):
     def _release(self) -> None:
         del self.ds_engine
         super()._release()
+        self.__dict__.pop("_zero_config", None)
 
 
 # Hugging Face model types that DeepSpeed's kernel-injection policies cover (its module_inject/containers).
@@ -138,6 +228,14 @@ def _count_calls(module, names: tuple[str, ...]) -> dict[str, int]:
 
         setattr(module, name, counted)
     return counts
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:

@@ -30,10 +30,11 @@ def pick_device(device: str | None) -> str:
 
 
 def load_causal_lm(path, dtype: str, device: str, **kwargs: Any):
+    """The model in eval mode on `device`; with a `device_map` in `kwargs`, placed by accelerate instead."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
-    return model.to(device).eval()
+    return (model if "device_map" in kwargs else model.to(device)).eval()
 
 
 def generation_config(options: SamplingOptions, eos_ids: list[int], pad_id: int, max_new_tokens: int):

@@ -40,7 +40,7 @@ from workbench.logs import engine_log, log_engines_to
 from workbench.models import ResolvedModel
 from workbench.sysmem import process_memory
 from workbench.trace import CacheFacts, StepSnapshot, Trace
-from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RankFacts, SamplingOptions
+from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, OffloadFacts, RankFacts, SamplingOptions
 from workbench.workload import Request
 
 _LOAD_TIMEOUT_S = 900
@@ -246,6 +246,9 @@ class EngineProxy(Engine):
 
     def _ranks(self) -> list[RankFacts]:
         return self._call("ranks")
+
+    def _offload(self) -> OffloadFacts:
+        return self._call("offload")
 
     def _generate(self, texts: list[str], options: SamplingOptions, chat: bool) -> list[GenerationResult]:
         with self._busy():

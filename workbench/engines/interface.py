@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from workbench.errors import InvalidRequestError, WorkbenchError
 from workbench.kv_sizes import kv_bytes_per_token, kv_shape
 from workbench.trace import CacheFacts, StepSnapshot, Trace
-from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, RankFacts, SamplingOptions
+from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, OffloadFacts, RankFacts, SamplingOptions
 from workbench.workload import Request, arrival_times, as_requests, with_arrivals
 
 
@@ -188,6 +188,22 @@ class Engine(ABC):
     def _ranks(self) -> list[RankFacts]:
         raise WorkbenchError(f"the {self.name!r} engine does not say what its ranks hold: the vllm and deepspeed "
                              f"engines do.")
+
+    def offload(self) -> OffloadFacts:
+        """Where the weights are placed under the engine's memory budget (`max_memory`), and the most of them
+        resident at once during the forward passes since loading, measured on the model's tensors.
+
+        >>> e = wb.load("transformers", max_memory="200MiB")  # layers past 200 MiB wait on disk   # doctest: +SKIP
+        >>> e.generate("Hello", max_tokens=8); e.offload().resident_peak_bytes < 200 * 2**20       # doctest: +SKIP
+        True
+        """
+        self._check_open()
+        with self._busy():
+            return self._offload()
+
+    def _offload(self) -> OffloadFacts:
+        raise WorkbenchError(f"the {self.name!r} engine does not offload its weights: the transformers engine does "
+                             f"(its max_memory, device_map and offload_folder options).")
 
     def _layout(self, paged: bool, block_size: int, num_blocks: int) -> CacheFacts:
         """The cache facts of this model in this engine, for a cache of `num_blocks` blocks of `block_size` tokens."""

@@ -18,21 +18,29 @@ from workbench.engines.arrivals import RunClock
 from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
 from workbench.engines.interface import first_stop
 from workbench.engines.local import LocalEngine, Session, StepOutput
+from workbench.engines.offload import Offload
 from workbench.errors import WorkbenchError
 from workbench.sysmem import device_memory, process_memory
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
-from workbench.types import EngineInfo, KVCacheMeasurement, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, OffloadFacts, SamplingOptions
 
 
 class TransformersEngine(LocalEngine):
-    extra_options = ("device", "max_batch_size", "attn_implementation")
+    # max_memory, device_map, offload_folder: accelerate's big-model offload, named as `from_pretrained` names them
+    extra_options = ("device", "max_batch_size", "attn_implementation", "max_memory", "device_map", "offload_folder")
 
     def _load(self) -> None:
         self.device = pick_device(self.options.get("device"))
-        kwargs = {}
+        self.offloading = Offload(self.options, self.device)
+        kwargs = dict(self.offloading.kwargs)
         if self.options.get("attn_implementation"):
             kwargs["attn_implementation"] = self.options["attn_implementation"]
-        self.hf_model = load_causal_lm(self.model.path, self.dtype, self.device, **kwargs)
+        try:
+            self.hf_model = load_causal_lm(self.model.path, self.dtype, self.device, **kwargs)
+        except BaseException:
+            self.offloading.release()
+            raise
+        self.offloading.attach(self.hf_model)
         self.eos_ids = eos_token_ids(self.hf_model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
@@ -41,6 +49,10 @@ class TransformersEngine(LocalEngine):
 
     def _release(self) -> None:
         del self.hf_model
+        self.offloading.release()
+
+    def _offload(self) -> OffloadFacts:
+        return self.offloading.facts()
 
     def _cache_facts(self) -> CacheFacts:
         return self._layout(paged=False, block_size=1, num_blocks=0)  # contiguous: a "block" is one token slot
