@@ -105,8 +105,13 @@ class DeepSpeedEngine(TransformersEngine):
 
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _join_ranks
         deepspeed.init_distributed(dist_backend="gloo" if not self.device.startswith("cuda") else None)
-        self._zero_config = HfDeepSpeedConfig(config)  # while it lives, from_pretrained partitions as it loads
-        TransformersEngine._load(self)
+        # While it lives, transformers partitions every model it loads in this process (its reference is global):
+        # kept for this load only, so that other engines loaded here later get whole models.
+        zero_config = HfDeepSpeedConfig(config)
+        try:
+            TransformersEngine._load(self)
+        finally:
+            del zero_config
         self.ds_engine = deepspeed.initialize(model=self.hf_model, config_params=config)[0]
         self.hf_model = self.ds_engine.module.eval()
         self.kernel_inject, self.kernel_note = False, f"off: ZeRO stage 3, parameters offloaded to {where}"
@@ -171,7 +176,6 @@ class DeepSpeedEngine(TransformersEngine):
     def _release(self) -> None:
         del self.ds_engine
         super()._release()
-        self.__dict__.pop("_zero_config", None)
 
 
 # Hugging Face model types that DeepSpeed's kernel-injection policies cover (its module_inject/containers).
