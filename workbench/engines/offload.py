@@ -42,11 +42,6 @@ class Offload:
             self._made_folder = True
         self.kwargs["offload_folder"] = self._folder
 
-    @property
-    def active(self) -> bool:
-        """Whether the model is placed by a device map (and may be offloaded) rather than moved whole."""
-        return "device_map" in self.kwargs
-
     def _max_memory(self, budget: Any) -> dict:
         """accelerate's `max_memory` from a budget: a dict as accelerate takes it, or one size for the engine's
         device (bytes, or "200MiB", "2GB" ...), everything else going to CPU memory on a GPU and to disk on a CPU."""
