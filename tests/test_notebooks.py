@@ -84,6 +84,7 @@ def test_engines_tour_notebook(notebook_report):
     techniques = results["techniques"]  # each technique links to a notebook that exists, or says none shows it yet
     assert all((NOTEBOOKS / notebook).exists() for notebook in techniques.values() if notebook), techniques
     assert techniques["chunked prefill"] == "03_continuous_batching.ipynb"
+    assert techniques["ZeRO and offload"] == "04_memory.ipynb"
 
 
 def test_memory_notebook(notebook_report):
