@@ -19,6 +19,7 @@ from importlib.metadata import version
 from workbench.engines.hf_common import pick_device, torch_dtype
 from workbench.engines.transformers import TransformersEngine
 from workbench.errors import UnsupportedOptionError
+from workbench.servers import free_port
 from workbench.types import EngineInfo, OffloadFacts, RankFacts
 
 
@@ -97,14 +98,13 @@ class DeepSpeedEngine(TransformersEngine):
             config["bf16"] = {"enabled": True}
         elif self.dtype in ("float16", "fp16"):
             config["fp16"] = {"enabled": True}
-        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                             ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
             os.environ.setdefault(name, value)  # one rank: no launcher needed
-        if not self.device.startswith("cuda"):
-            import deepspeed.ops
-
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see _join_ranks
-        deepspeed.init_distributed(dist_backend="gloo" if not self.device.startswith("cuda") else None)
+        on_gpu = self.device.startswith("cuda")
+        if not on_gpu:
+            _gloo_on_cpu()
+        deepspeed.init_distributed(dist_backend=None if on_gpu else "gloo")
         # While it lives, transformers partitions every model it loads in this process (its reference is global):
         # kept for this load only, so that other engines loaded here later get whole models.
         zero_config = HfDeepSpeedConfig(config)
@@ -116,14 +116,16 @@ class DeepSpeedEngine(TransformersEngine):
         self.hf_model = self.ds_engine.module.eval()
         self.kernel_inject, self.kernel_note = False, f"off: ZeRO stage 3, parameters offloaded to {where}"
         self.tp_note, self.collectives, self.forward_passes = "off", {}, 0
-        self._partitions_held = self._zero_partitions_held()
-        self._gathered: dict[int, int] = {}  # module -> bytes of its own parameters gathered when last seen
-        self.resident_peak_bytes = self._partitions_held
+        partitions = self._zero_partitions_held()
+        gathered: dict[int, int] = {}  # module -> bytes of its own parameters gathered when last seen
+        resident = [partitions]  # the partitions and every module's gathered bytes, kept as a sum
+        self.resident_peak_bytes = partitions
 
         def see(module, *_):  # after ZeRO's own hooks: gathered on the way in, released on the way out
-            self._gathered[id(module)] = sum(p.data.nbytes for p in module.parameters(recurse=False))
-            self.resident_peak_bytes = max(self.resident_peak_bytes,
-                                           self._partitions_held + sum(self._gathered.values()))
+            held = sum(p.data.nbytes for p in module.parameters(recurse=False))
+            resident[0] += held - gathered.get(id(module), 0)
+            gathered[id(module)] = held
+            self.resident_peak_bytes = max(self.resident_peak_bytes, resident[0])
 
         for module in self.hf_model.modules():
             if next(module.parameters(recurse=False), None) is not None:
@@ -141,19 +143,22 @@ class DeepSpeedEngine(TransformersEngine):
                 held += partition.nbytes
         return held
 
+    def _zero_weights(self) -> tuple[int, int, int]:
+        """(parameters, their elements, their bytes) under ZeRO-3, which leaves an empty placeholder in each."""
+        params = list(self.hf_model.parameters())
+        return len(params), sum(p.ds_numel for p in params), sum(p.ds_numel * p.element_size() for p in params)
+
     def _offload(self) -> OffloadFacts:
         if self.offload_param is None:
             return super()._offload()
-        params = list(self.hf_model.parameters())
-        total = sum(p.ds_numel * p.element_size() for p in params)
-        return OffloadFacts(None, {self.offload_param: len(params)}, total, total, self.resident_peak_bytes)
+        count, _, total = self._zero_weights()
+        return OffloadFacts(None, {self.offload_param: count}, total, total, self.resident_peak_bytes)
 
     def _info(self) -> EngineInfo:
         info = super()._info()
-        if self.offload_param is not None:  # ZeRO-3 leaves an empty placeholder in each parameter
-            params = list(self.hf_model.parameters())
-            info = replace(info, parameters=sum(p.ds_numel for p in params),
-                           weight_bytes=sum(p.ds_numel * p.element_size() for p in params))
+        if self.offload_param is not None:
+            _, elements, total = self._zero_weights()
+            info = replace(info, parameters=elements, weight_bytes=total)
         engine_version = f"deepspeed {version('deepspeed')} (transformers {version('transformers')})"
         return replace(info, engine_version=engine_version, options={**info.options, "kernel_inject": self.kernel_note,
                                                                    "tensor_parallel": self.tp_note})
@@ -234,12 +239,12 @@ def _count_calls(module, names: tuple[str, ...]) -> dict[str, int]:
     return counts
 
 
-def _free_port() -> int:
-    import socket
+def _gloo_on_cpu() -> None:
+    """Keep DeepSpeed's collectives on torch.distributed's gloo: its shared-memory all-reduce kernel segfaulted on
+    an AVX2 CPU (0.19.8, float32); marked incompatible before the process group starts, DeepSpeed does not use it."""
+    import deepspeed.ops
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:
@@ -251,10 +256,6 @@ def _join_ranks(deepspeed, tp_size: int, on_gpu: bool) -> str:
             f"WORLD_SIZE={world}: run the script with `torchrun --nproc-per-node {tp_size} script.py` (or the "
             f"deepspeed launcher), every rank loading with tensor_parallel_size={tp_size}.")
     if not on_gpu:
-        # DeepSpeed's shared-memory all-reduce kernel segfaulted on this AVX2 CPU (0.19.8, float32); marking it
-        # incompatible before the process group starts makes DeepSpeed use torch.distributed's gloo all_reduce.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        _gloo_on_cpu()
     deepspeed.init_distributed()  # a no-op when the launcher's script already did it
     return f"AutoTP, rank {deepspeed.comm.get_rank()} of {tp_size}"

@@ -65,9 +65,10 @@ class Offload:
         from accelerate.hooks import ModelHook, SequentialHook
 
         self._model = model
-        self._at_rest = sum(p.nbytes for p in model.parameters() if p.device.type != "meta")  # offloaded: meta
+        at_rest = sum(p.nbytes for p in model.parameters() if p.device.type != "meta")  # offloaded ones: meta
         self._paged_in: dict[int, int] = {}  # offloaded module -> bytes of its weights in memory when last seen
-        self.resident_peak_bytes = self._at_rest
+        self._resident = at_rest  # what stays and every offloaded module's paged-in bytes, kept as a sum
+        self.resident_peak_bytes = at_rest
         offload = self
 
         class Meter(ModelHook):  # runs after accelerate's hook: its weights are in on the way in, out on the way out
@@ -91,8 +92,9 @@ class Offload:
         # walk of the whole model at every offloaded module costs 40% of the decoding speed.
         held = sum(p.nbytes for p in module.parameters() if p.device.type != "meta")
         with self._lock:
+            self._resident += held - self._paged_in.get(id(module), 0)
             self._paged_in[id(module)] = held
-            self.resident_peak_bytes = max(self.resident_peak_bytes, self._at_rest + sum(self._paged_in.values()))
+            self.resident_peak_bytes = max(self.resident_peak_bytes, self._resident)
 
     def facts(self) -> OffloadFacts:
         """Where the weights are placed and the most of them resident at once, since loading."""
