@@ -39,6 +39,16 @@ def test_unknown_option_lists_the_accepted_ones():
         wb.load("transformers", model="tiny-llama", blok_size=16)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"prompt_lookup_num_tokens": 4, "max_batch_size": 2}, "one sequence at a time: drop max_batch_size"),
+    ({"prompt_lookup_num_tokens": 0.5}, "prompt_lookup_num_tokens must be a whole number"),
+    ({"max_matching_ngram_size": 2}, "max_matching_ngram_size needs prompt_lookup_num_tokens"),
+])
+def test_prompt_lookup_options_that_cannot_run_say_why(options, message):
+    with pytest.raises(wb.UnsupportedOptionError, match=message):
+        wb.load("transformers", model="tiny-llama", **options)
+
+
 @pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed")
 def test_bfloat16_on_this_cpu_asks_for_float32():
     from workbench.engines.vllm import cpu_supports

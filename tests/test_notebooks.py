@@ -85,6 +85,7 @@ def test_engines_tour_notebook(notebook_report):
     assert all((NOTEBOOKS / notebook).exists() for notebook in techniques.values() if notebook), techniques
     assert techniques["chunked prefill"] == "03_continuous_batching.ipynb"
     assert techniques["ZeRO and offload"] == "04_memory.ipynb"
+    assert techniques["speculative decoding"] == "11_speculative_decoding.ipynb"
 
 
 def test_memory_notebook(notebook_report):
@@ -269,4 +270,42 @@ def test_parallelism_notebook(notebook_report):
             assert set(ranks[0]["collectives_per_pass"]) == {"pp isend_tensor_dict"}
             embedding = 49152 * 576 * 4  # SmolLM2's vocabulary x hidden, float32
             assert all(abs(r["weight_bytes"] - (whole - embedding) / 2 - embedding) < 0.01 * whole for r in ranks)
+        facts = {r["rank"]: r for r in ranks}
+        memory = layout["memory_per_rank"]  # the run's trace, each rank's memory read from its own process
+        assert [m["rank"] for m in memory] == [0, 1], name
+        for m in memory:
+            assert m["weights_bytes"] == facts[m["rank"]]["weight_bytes"], name
+            assert m["process_peak_bytes"] > m["weights_bytes"] + m["kv_used_peak_bytes"] > m["weights_bytes"], name
+            assert m["kv_used_peak_bytes"] <= m["kv_reserved_bytes"], name
+            if layout["engine"] == "vllm":  # the trace's figure is the worker's cache tensors
+                assert m["kv_reserved_bytes"] == facts[m["rank"]]["kv_cache_bytes"], name
+            # half the KV heads (tensor parallel) or half the layers (pipeline): half of one rank's bytes per token
+            assert 2 * m["kv_bytes_per_token"] == m["one_rank_kv_bytes_per_token"], name
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+def test_speculative_decoding_notebook(notebook_report):
+    executed, page = notebook_report("11_speculative_decoding")
+    results = read_results(executed)
+    runs = results["runs"]
+    assert results["engines"] == (["transformers", "vllm"] if HAVE_VLLM else ["transformers"])
+    for engine in results["engines"]:
+        rates = {}
+        for prompt in ("repeats its input", "new text"):
+            plain, fast = runs[f"{engine} / plain / {prompt}"], runs[f"{engine} / speculative / {prompt}"]
+            assert fast["tokens"] == plain["tokens"] and len(plain["tokens"]) == results["max_tokens"], (engine, prompt)
+            assert plain["draft_tokens"] == 0 and fast["draft_tokens"] > 0, (engine, prompt)
+            steps = fast["per_step"]  # [drafted, accepted, tokens gained] at each step the request ran
+            assert all(0 <= a <= d <= results["draft_tokens"] for d, a, _ in steps), (engine, prompt)
+            # every step yields its accepted drafts plus the model's own next token (the last may be cut at max_tokens)
+            assert all(gained == a + 1 for _, a, gained in steps[:-1]) and steps[-1][2] <= steps[-1][1] + 1
+            assert sum(gained for *_, gained in steps) == results["max_tokens"]
+            assert fast["steps"] < plain["steps"] or prompt == "new text"
+            if engine == "vllm":  # the trace's counts are vLLM's own spec-decode counters over the run
+                counters = fast["engine_counters"]
+                assert counters["vllm:spec_decode_num_draft_tokens"] == fast["draft_tokens"], counters
+                assert counters["vllm:spec_decode_num_accepted_tokens"] == fast["accepted_tokens"], counters
+                assert counters["vllm:spec_decode_num_drafts"] == fast["drafts"], counters
+            rates[prompt] = fast["acceptance_rate"]
+        assert rates["repeats its input"] > 0 and rates["repeats its input"] > rates["new text"], (engine, rates)
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]

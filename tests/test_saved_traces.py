@@ -18,14 +18,16 @@ from workbench.analysis import (
     prefix_cache_note,
     run_summary,
     serving_metrics,
+    speculation,
 )
-from workbench.trace import BLOCK_CACHED, BLOCK_FREE, BLOCK_USED, STATES, Trace, reason_of
+from workbench.trace import BLOCK_CACHED, BLOCK_FREE, BLOCK_USED, STATES, Trace, merge_ranks, reason_of
 from workbench.widgets import figures
 from workbench.widgets.replay import Replay
 from workbench.widgets.views import BatchTimeline, KVCacheView, MemoryView, ThroughputView
 
 DATA = Path(__file__).resolve().parent / "data"
-NAMES = ["vllm_prefix_preemption", "transformers_paged", "transformers_static", "vllm_server"]
+NAMES = ["vllm_prefix_preemption", "transformers_paged", "transformers_static", "vllm_server", "vllm_tensor_parallel",
+         "vllm_ngram"]
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -109,7 +111,8 @@ def test_engine_state_reads_the_engines_own_figures(trace):
     assert state["running_max"] >= 1 and state["running_max"] >= state["running_mean"] > 0
     if trace.engine == "vllm":
         assert state["preemptions"] == trace.engine_counters["vllm:num_preemptions"]
-        assert 0 < state["prefix_cache_hit_rate"] < 1 and state["kv_usage_peak"] > 0.5
+        if trace.engine_counters["vllm:num_preemptions"]:  # the shared system prompt in a pool too small
+            assert 0 < state["prefix_cache_hit_rate"] < 1 and state["kv_usage_peak"] > 0.5
     if trace.engine == "openai":  # the server's own gauges and its iteration histogram
         assert state["tokens_per_step"] == pytest.approx(
             trace.engine_counters["step_tokens_sum"] / trace.engine_counters["step_tokens_count"])
@@ -168,6 +171,92 @@ def test_memory_series_stacks_what_the_snapshots_hold(trace):
     steps = trace.steps_df()
     assert np.allclose(series["KV in use"], steps["kv_used_bytes"])
     assert np.allclose(series["weights"], steps["weights_bytes"])
+
+
+@pytest.fixture(scope="module")
+def split() -> Trace:
+    return Trace.load(DATA / "vllm_tensor_parallel.jsonl")
+
+
+def test_a_split_engines_trace_carries_each_ranks_memory(split):
+    assert all([r.rank for r in s.memory.ranks] == [0, 1] for s in split.steps)
+    steps = split.steps_df()
+    for rank in (0, 1):
+        shares = [s.memory.ranks[rank] for s in split.steps]
+        assert list(steps[f"rank{rank}_kv_used_bytes"]) == [m.kv_used_bytes for m in shares]
+        assert list(steps[f"rank{rank}_process_rss_bytes"]) == [m.process_rss_bytes for m in shares]
+        # each rank's cache is the pool's blocks in its own tensors: its share of the whole, per block
+        assert all(m.kv_used_bytes * split.facts.num_blocks == m.kv_reserved_bytes * u for m, u in
+                   zip(shares, [s.blocks.count(BLOCK_USED) for s in split.steps]))
+    assert "ranks" not in steps  # flat columns, not a column of tuples
+
+
+def test_the_memory_view_draws_a_panel_per_rank(split):
+    figure = MemoryView(split).figure()
+    assert len(figure.data) == 2 * len(figures.MEMORY_PARTS)
+    assert {t.yaxis for t in figure.data[:4]} == {"y"} and {t.yaxis for t in figure.data[4:]} == {"y2"}
+    assert figure.layout.yaxis.title.text == "rank 0, MiB" and figure.layout.yaxis2.title.text == "rank 1, MiB"
+    assert figure.layout.yaxis2.domain[1] < figure.layout.yaxis.domain[0]  # rank 1 below rank 0, apart
+    assert [t.showlegend for t in figure.data] == [True] * 4 + [False] * 4  # one legend entry per part
+    rank1 = figures.memory_series(split, rank=1)
+    assert np.allclose(figure.data[4].y, np.array(rank1["weights"]) / 2**20)
+    assert rank1["weights"][0] == split.steps[0].memory.ranks[1].weights_bytes
+    assert "per rank" in figure.layout.title.text
+
+
+def test_merging_each_ranks_own_trace_gives_one_trace_with_every_ranks_memory(split):
+    def own(rank: int) -> Trace:  # what rank `rank`'s process records when each rank runs an engine of its own
+        steps = []
+        for s in split.steps:
+            m = s.memory.ranks[rank]
+            steps.append(replace(s, memory=replace(s.memory, weights_bytes=m.weights_bytes, ranks=(),
+                                                   kv_reserved_bytes=m.kv_reserved_bytes,
+                                                   kv_used_bytes=m.kv_used_bytes,
+                                                   process_rss_bytes=m.process_rss_bytes,
+                                                   process_peak_bytes=m.process_peak_bytes)))
+        return replace(split, steps=steps)
+
+    merged = merge_ranks([own(0), own(1)])
+    assert [s.memory.ranks for s in merged.steps] == [s.memory.ranks for s in split.steps]
+    assert merged.steps[0].memory.weights_bytes == split.steps[0].memory.ranks[0].weights_bytes  # rank 0's own
+    with pytest.raises(ValueError, match="different step counts"):
+        merge_ranks([own(0), replace(own(1), steps=own(1).steps[:-1])])
+
+
+@pytest.fixture(scope="module")
+def drafted() -> Trace:
+    return Trace.load(DATA / "vllm_ngram.jsonl")
+
+
+def test_the_traces_draft_counts_are_vllms_own_spec_decode_counters(drafted):
+    summary, counters = speculation(drafted), drafted.engine_counters
+    assert summary["draft_tokens"] == counters["vllm:spec_decode_num_draft_tokens"] > 0
+    assert summary["accepted_tokens"] == counters["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert summary["drafts"] == counters["vllm:spec_decode_num_drafts"]
+    assert summary["acceptance_rate"] == summary["accepted_tokens"] / summary["draft_tokens"]
+    assert summary["mean_acceptance_length"] == 1 + summary["accepted_tokens"] / summary["drafts"]
+    for s in drafted.steps:
+        for r in s.requests:
+            assert 0 <= r.accepted_tokens <= r.draft_tokens <= 4
+            if r.draft_tokens and r.state == "decode":  # the step computed the last token and every draft
+                assert r.scheduled_tokens == 1 + r.draft_tokens
+    plain = Trace.load(DATA / "vllm_prefix_preemption.jsonl")
+    assert speculation(plain) == {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "acceptance_rate": 0.0,
+                                  "mean_acceptance_length": 1.0}  # a trace saved before drafts were recorded
+
+
+def test_the_speculation_figure_and_the_timeline_show_each_steps_drafts(drafted):
+    figure = figures.speculation_figure(drafted)
+    accepted, rejected, rate = figure.data
+    summary = speculation(drafted)
+    assert sum(accepted.y) == summary["accepted_tokens"]
+    assert sum(accepted.y) + sum(rejected.y) == summary["draft_tokens"]
+    assert [v for v in rate.y if v is not None][-1] == pytest.approx(summary["acceptance_rate"])
+    hover = figures.batch_timeline_traces(drafted)[0][0]["customdata"]
+    step, r = next((i, r) for i, s in enumerate(drafted.steps) for r in s.requests
+                   if r.draft_tokens and r.state == "decode")
+    row = [q.request_id for q in drafted.requests].index(r.request_id)
+    assert hover[row][step].endswith(f", {r.accepted_tokens} of {r.draft_tokens} drafted accepted")
 
 
 def test_views_show_a_saved_trace_and_move_between_steps(trace):

@@ -22,3 +22,18 @@ def test_a_process_started_from_a_large_one_reads_its_own_peak():
     now, peak = process_memory()
     assert peak >= now > 600 * 2**20
     assert 0 < file_backed_bytes() < now  # the interpreter's and libraries' pages, at least
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is a Linux /proc field")
+def test_another_process_is_read_by_its_pid():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; held = bytearray(300 * 2**20); sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        for _ in range(100):  # until the child holds its 300 MiB
+            rss, peak = process_memory(child.pid)
+            if rss > 300 * 2**20:
+                break
+            subprocess.run(["sleep", "0.05"])
+        assert peak >= rss > 300 * 2**20
+    finally:
+        child.communicate(b"")

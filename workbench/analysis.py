@@ -99,6 +99,22 @@ def kv_waste_measured(trace: Trace) -> float:
     return 100.0 * (allocated - held) / allocated if allocated else 0.0
 
 
+def speculation(trace: Trace) -> dict:
+    """Speculative decoding over a run, from the trace's steps, in vLLM's terms (its spec-decode metrics): `drafts`
+    (request-steps that verified draft tokens), `draft_tokens`, `accepted_tokens`, `acceptance_rate` (accepted /
+    draft tokens) and `mean_acceptance_length` (tokens a drafting step produced on average: 1 + accepted / drafts).
+
+    >>> speculation(engine.run(requests))["acceptance_rate"]      # doctest: +SKIP
+    0.62
+    """
+    steps = [r for s in trace.steps for r in s.requests if r.draft_tokens]
+    drafted = sum(r.draft_tokens for r in steps)
+    accepted = sum(r.accepted_tokens for r in steps)
+    return {"drafts": len(steps), "draft_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_acceptance_length": 1 + accepted / len(steps) if steps else 1.0}
+
+
 def prefix_cache_note(trace: Trace) -> str:
     """A warning when the requests share a prompt prefix shorter than one KV block, "" otherwise: a prefix cache
     reuses whole blocks only, so such a run rightly shows no hit, which reads like prefix caching not working.

@@ -108,6 +108,10 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM"), "",
               "not shown yet: DeepSpeed's injection and TensorRT-LLM need an NVIDIA GPU"),
     Technique("quantization (GPTQ, AWQ, INT8, FP8)", ("TGI", "TensorRT-LLM"), "", "not shown yet"),
+    Technique("speculative decoding", ("vLLM", "Transformers", "TensorRT-LLM", "TGI"), "11_speculative_decoding.ipynb",
+              "n-gram (prompt lookup) drafts verified in one pass, in transformers and vLLM: tokens proposed and "
+              "accepted per step, the same tokens as plain decoding, on a prompt that repeats its input and one "
+              "that does not"),
 )
 
 

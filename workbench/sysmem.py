@@ -1,32 +1,39 @@
-"""Memory readings of this process: its resident memory, and torch's allocations on a GPU."""
+"""Memory readings of this process (or another of this machine's, by pid): its resident memory, and torch's
+allocations on a GPU."""
 
 from __future__ import annotations
 
 
-def process_memory() -> tuple[int, int]:
-    """(resident bytes now, peak resident bytes) of this process."""
+def process_memory(pid: int | None = None) -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes) of this process, or of process `pid` (an engine's rank worker).
+
+    >>> rss, peak = process_memory()
+    >>> 0 < rss <= peak
+    True
+    """
     import psutil
 
-    rss = psutil.Process().memory_info().rss
-    return rss, max(rss, _peak_resident_bytes())
+    rss = psutil.Process(pid).memory_info().rss
+    return rss, max(rss, _peak_resident_bytes(pid))
 
 
-def _peak_resident_bytes() -> int:
-    # The high-water mark of this process's own memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+def _peak_resident_bytes(pid: int | None = None) -> int:
+    # The high-water mark of the process's own memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
     # an exec from the process that forked, so a worker or a measuring process started from a 2 GiB kernel would
     # read a 2 GiB peak of its own.
-    status = _proc_status("VmHWM")
-    if status is not None:
-        return status
+    status = _proc_status("VmHWM", pid)
+    if status is not None or pid is not None:
+        return status or 0
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _proc_status(field: str) -> int | None:
-    """A size in bytes from /proc/self/status (VmHWM, RssFile ...), or None where there is none."""
+def _proc_status(field: str, pid: int | None = None) -> int | None:
+    """A size in bytes from /proc/<pid>/status (VmHWM, RssFile ...; this process's by default), or None where
+    there is none."""
     try:
-        with open("/proc/self/status") as status:
+        with open(f"/proc/{pid or 'self'}/status") as status:
             for line in status:
                 if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024

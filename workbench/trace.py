@@ -12,7 +12,7 @@ True
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Collection, Iterable
 
@@ -74,6 +74,23 @@ class RequestSnapshot:
     cached_tokens: int  # prompt tokens served from the prefix cache
     padding_tokens: int = 0  # slots a static batch spends on padding for it
     reason: str = ""  # why it waits or was preempted, in words, where the engine's state says ("" otherwise)
+    # speculative decoding: tokens proposed for it and verified in this step, and how many of those were accepted
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """One rank's memory at a step, in an engine split over ranks: its own weights and KV cache (from its tensors),
+    the part of that cache in use, and its process's resident bytes."""
+
+    rank: int
+    weights_bytes: int
+    kv_reserved_bytes: int
+    kv_used_bytes: int
+    process_rss_bytes: int
+    process_peak_bytes: int
+    device_allocated_bytes: int = 0  # torch's allocations on the rank's GPU, where it has one
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,7 @@ class MemorySnapshot:
     # torch's allocations on the engine's GPU (0 on a CPU), where weights and KV cache live there
     device_allocated_bytes: int = 0
     device_peak_bytes: int = 0
+    ranks: tuple[RankMemory, ...] = ()  # each rank's share where the engine is split over ranks (TP, PP)
 
 
 @dataclass(frozen=True)
@@ -215,7 +233,7 @@ class Trace:
                    "scheduled_tokens": sum(r.scheduled_tokens for r in s.requests),
                    "padding_tokens": sum(r.padding_tokens for r in s.requests),
                    "blocks_used": s.blocks.count(BLOCK_USED), "blocks_cached": s.blocks.count(BLOCK_CACHED),
-                   "blocks_free": s.blocks.count(BLOCK_FREE), **asdict(s.memory), **s.counters}
+                   "blocks_free": s.blocks.count(BLOCK_FREE), **_memory_columns(s.memory), **s.counters}
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -269,6 +287,33 @@ class Trace:
                               "shared": len(owners.get(i, [])) > 1} for i, c in enumerate(s.blocks)])
 
 
+def _memory_columns(memory: MemorySnapshot) -> dict:
+    """The memory of a step as flat columns: each rank's as `rank0_weights_bytes`, `rank1_process_rss_bytes`, ..."""
+    columns = {f.name: getattr(memory, f.name) for f in fields(MemorySnapshot) if f.name != "ranks"}
+    for r in memory.ranks:
+        columns.update({f"rank{r.rank}_{f.name}": getattr(r, f.name) for f in fields(RankMemory) if f.name != "rank"})
+    return columns
+
+
+def merge_ranks(traces: list[Trace]) -> Trace:
+    """One trace of a run split over ranks that each recorded their own (DeepSpeed: one process per rank, all
+    stepping together): the first rank's trace, with every rank's memory at each step in `memory.ranks`.
+
+    >>> trace = merge_ranks([Trace.load("rank0.jsonl"), Trace.load("rank1.jsonl")])  # doctest: +SKIP
+    >>> MemoryView(trace)                                             # a panel per rank  # doctest: +SKIP
+    """
+    counts = {len(t.steps) for t in traces}
+    if len(counts) != 1:
+        raise ValueError(f"the ranks' traces have different step counts ({sorted(counts)}): they are not one run.")
+    steps = []
+    for at, step in enumerate(traces[0].steps):
+        ranks = tuple(RankMemory(rank, m.weights_bytes, m.kv_reserved_bytes, m.kv_used_bytes, m.process_rss_bytes,
+                                 m.process_peak_bytes, m.device_allocated_bytes)
+                      for rank, m in enumerate(t.steps[at].memory for t in traces))
+        steps.append(replace(step, memory=replace(step.memory, ranks=ranks)))
+    return replace(traces[0], steps=steps)
+
+
 def _step_to_json(step: StepSnapshot) -> dict:
     return {"step": step.step, "time_s": step.time_s, "blocks": step.blocks, "memory": asdict(step.memory),
             "counters": step.counters,
@@ -289,8 +334,9 @@ def _step_from_json(data: dict) -> StepSnapshot:
         kwargs = dict(zip(names, values))
         kwargs["block_ids"] = tuple(kwargs["block_ids"])
         requests.append(RequestSnapshot(**kwargs))
-    return StepSnapshot(data["step"], data["time_s"], tuple(requests), data["blocks"],
-                        MemorySnapshot(**data["memory"]), data["counters"])
+    memory = {**data["memory"], "ranks": tuple(RankMemory(**r) for r in data["memory"].get("ranks", ()))}
+    return StepSnapshot(data["step"], data["time_s"], tuple(requests), data["blocks"], MemorySnapshot(**memory),
+                        data["counters"])
 
 
 class TraceRecorder:

@@ -186,3 +186,4 @@ class RankFacts:
     projections: dict = field(default_factory=dict)  # module name -> (input features, output features) held here
     collectives: dict = field(default_factory=dict)
     forward_passes: int = 0  # of its share of the model, since loading: what the collectives are per
+    pid: int = 0  # its process

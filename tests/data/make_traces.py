@@ -9,6 +9,11 @@
 - vllm_server.jsonl: vLLM's OpenAI server through the `openai` engine, 6 requests at a rate: the client's view and
   the server's /metrics at each poll, and its histograms' growth in `engine_counters`.
 - vllm_metrics.txt: one reading of that server's /metrics, as it publishes it.
+- vllm_ngram.jsonl: vLLM with n-gram speculative decoding (4 draft tokens), 3 requests arriving over time, one
+  copying a passage from its prompt: draft tokens verified and accepted per request per step, and vLLM's own
+  spec-decode counters for the run.
+- vllm_tensor_parallel.jsonl: vLLM with tensor_parallel_size=2 (tiny-llama, whose heads split in two; two worker
+  processes), 4 requests arriving over time: each rank's memory at every step.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import httpx
 
 import workbench as wb
 from workbench.servers import start_vllm_server
-from workbench.workload import make_workload
+from workbench.workload import Request, make_workload
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_WORDS = 60  # a shared system prompt longer than one 32-token block
@@ -42,8 +47,31 @@ def main() -> None:
         with wb.load("openai", url=server.url, model="smollm2-135m", poll_s=0.2) as remote:
             remote.run(make_workload(n=6, output_tokens=24, rate=3.0, seed=13)).save(HERE / "vllm_server.jsonl")
         (HERE / "vllm_metrics.txt").write_text(httpx.get(f"{server.root}/metrics").text)
+    speculative()
+    tensor_parallel()
     for path in sorted(HERE.glob("*.jsonl")):
         print(f"{path.name}: {path.stat().st_size / 1024:.0f} KiB")
+
+
+def speculative() -> None:
+    passage = "The keeper climbed the ninety steps, lit the great lamp, and watched the ships pass the strait."
+    requests = [Request(f"Text: {passage}\n\nThe same text, copied exactly:\n{passage[:30]}", max_tokens=24,
+                        chat=False, ignore_eos=True),
+                Request("Write a short poem about the sea.", max_tokens=24, ignore_eos=True, arrival_s=0.2),
+                Request("Name three colors.", max_tokens=16, ignore_eos=True, arrival_s=0.4)]
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+    with wb.load("vllm", speculative_config=ngram, max_model_len=512, kv_cache_gb=0.25) as engine:
+        trace = engine.run(requests)
+        assert trace.engine_counters["vllm:spec_decode_num_accepted_tokens"] > 0, "nothing accepted"
+        trace.save(HERE / "vllm_ngram.jsonl")
+
+
+def tensor_parallel() -> None:
+    with wb.load("vllm", model="tiny-llama", tensor_parallel_size=2, distributed_executor_backend="mp",
+                 max_model_len=512, kv_cache_gb=0.0625) as engine:
+        trace = engine.run(make_workload(n=4, output_tokens=(8, 16), rate=4.0, seed=14))
+        assert len(trace.steps[0].memory.ranks) == 2, "no per-rank memory in the trace"
+        trace.save(HERE / "vllm_tensor_parallel.jsonl")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ class DeepSpeedEngine(TransformersEngine):
         except (ValueError, RuntimeError, AssertionError, ImportError) as exc:
             raise UnsupportedOptionError(f"DeepSpeed refused these options: {str(exc).splitlines()[0]}") from None
         self.hf_model = self.ds_engine.module
+        # AutoTP gives each rank its share of the KV heads, so its cache holds that share of every token's keys and
+        # values: measured once from this rank's own cache tensors, for the traces' memory.
+        self.rank_kv_bytes_per_token = None
+        if tp_size > 1:
+            cache = self._measure_kv_cache()
+            self.rank_kv_bytes_per_token = cache.bytes // cache.token_slots
         self.forward_passes = 0
 
         def count_pass(*_):
@@ -162,6 +168,12 @@ class DeepSpeedEngine(TransformersEngine):
         engine_version = f"deepspeed {version('deepspeed')} (transformers {version('transformers')})"
         return replace(info, engine_version=engine_version, options={**info.options, "kernel_inject": self.kernel_note,
                                                                    "tensor_parallel": self.tp_note})
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in this rank's cache: the config's figure, or under AutoTP this
+        rank's share of it, measured from its cache at load."""
+        return getattr(self, "rank_kv_bytes_per_token", None) or super().kv_bytes_per_token
 
     def _ranks(self) -> list[RankFacts]:
         """This process's rank only: DeepSpeed runs one process per rank, each with an engine of its own. Its KV

@@ -19,17 +19,82 @@ from workbench.engines.hf_common import eos_token_ids, generation_config, hf_inf
 from workbench.engines.interface import first_stop
 from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.engines.offload import Offload
-from workbench.errors import WorkbenchError
+from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.sysmem import device_memory, process_memory
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
 from workbench.types import EngineInfo, KVCacheMeasurement, OffloadFacts, SamplingOptions
 
 
+class _PromptLookup:
+    """generate's prompt lookup decoding (`prompt_lookup_num_tokens`): each step proposes the tokens that followed
+    an earlier occurrence of the sequence's last n-gram (the first found, longest n-gram first), and one forward pass
+    verifies them all; greedy, the tokens are generate's plain ones. transformers runs it one sequence at a time, so
+    a batch is one request. Its candidate generator is watched on this model only, to count each step's proposed
+    and accepted tokens."""
+
+    def __init__(self, options: dict) -> None:
+        self.tokens = options.get("prompt_lookup_num_tokens")
+        self.ngram = options.get("max_matching_ngram_size")
+        self.on = bool(self.tokens)
+        self.drafted = self.accepted = 0
+        if not self.on:
+            if self.ngram:
+                raise UnsupportedOptionError("max_matching_ngram_size needs prompt_lookup_num_tokens (how many "
+                                             "tokens each step proposes), e.g. prompt_lookup_num_tokens=4.")
+            return
+        if not isinstance(self.tokens, int) or self.tokens < 1:
+            raise UnsupportedOptionError(f"prompt_lookup_num_tokens must be a whole number of tokens >= 1, not "
+                                         f"{self.tokens!r}.")
+        if (options.get("max_batch_size") or 1) != 1:
+            raise UnsupportedOptionError("transformers' prompt lookup decoding runs one sequence at a time: drop "
+                                         "max_batch_size or set it to 1.")
+
+    def watch(self, model) -> None:
+        """Count each step's proposed and accepted tokens, on `model`'s generate calls only."""
+        if not self.on:
+            return
+        propose = model._get_candidate_generator
+
+        def watched(*args, **kwargs):  # one candidate generator per generate call
+            generator = propose(*args, **kwargs)
+            get, update = generator.get_candidates, generator.update_candidate_strategy
+
+            def get_candidates(input_ids, *a, **k):
+                candidates, logits = get(input_ids, *a, **k)
+                self.drafted = candidates.shape[1] - input_ids.shape[1]
+                return candidates, logits
+
+            def update_candidate_strategy(input_ids, scores, num_matches):
+                self.accepted = int(num_matches)  # after generate's own cut at max length and end of sequence
+                return update(input_ids, scores, num_matches)
+
+            generator.get_candidates, generator.update_candidate_strategy = get_candidates, update_candidate_strategy
+            return generator
+
+        model._get_candidate_generator = watched
+
+    def configure(self, config) -> None:
+        if self.on:
+            config.prompt_lookup_num_tokens = self.tokens
+            if self.ngram:
+                config.max_matching_ngram_size = self.ngram
+
+    def step(self) -> tuple[int, int]:
+        """(tokens proposed, tokens accepted) in the step generate just ran, then reset."""
+        counts = (self.drafted, self.accepted)
+        self.drafted = self.accepted = 0
+        return counts
+
+
 class TransformersEngine(LocalEngine):
     # max_memory, device_map, offload_folder: accelerate's big-model offload, named as `from_pretrained` names them
-    extra_options = ("device", "max_batch_size", "attn_implementation", "max_memory", "device_map", "offload_folder")
+    # prompt_lookup_num_tokens, max_matching_ngram_size: generate's prompt lookup (n-gram speculative) decoding
+    extra_options = ("device", "max_batch_size", "attn_implementation", "max_memory", "device_map", "offload_folder",
+                     "prompt_lookup_num_tokens", "max_matching_ngram_size")
+    speculation = _PromptLookup({})  # off, for subclasses that load their model another way
 
     def _load(self) -> None:
+        self.speculation = _PromptLookup(self.options)
         self.device = pick_device(self.options.get("device"))
         self.offloading = Offload(self.options, self.device)
         kwargs = dict(self.offloading.kwargs)
@@ -43,6 +108,7 @@ class TransformersEngine(LocalEngine):
         self.offloading.attach(self.hf_model)
         self.eos_ids = eos_token_ids(self.hf_model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.speculation.watch(self.hf_model)
 
     def _info(self) -> EngineInfo:
         return hf_info(self.name, self.hf_model, self.model, self.dtype, self.device, self.max_model_len, self.options)
@@ -94,7 +160,7 @@ class _StaticBatches(Session):
                  clock: RunClock, recorder: TraceRecorder, streaming: bool) -> None:
         self.engine, self.prompts, self.options, self.clock, self.recorder = engine, prompts, options, clock, recorder
         self.streaming = streaming
-        self.size = engine.options.get("max_batch_size") or len(prompts)
+        self.size = 1 if engine.speculation.on else engine.options.get("max_batch_size") or len(prompts)
         self.waiting: list[int] = []
         self.lock = threading.Lock()  # the batch's thread reads the waiting list for its snapshots
         self.events: queue.Queue = queue.Queue()
@@ -157,6 +223,7 @@ class _StaticBatches(Session):
                 torch.manual_seed(first.seed)
             config = generation_config(replace(first, stop=()), engine.eos_ids, engine.pad_id,
                                        max(self.options[i].max_tokens for i in batch))
+            engine.speculation.configure(config)
             with torch.inference_mode():
                 engine.hf_model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[criterion],
                                          generation_config=config)
@@ -186,6 +253,8 @@ class _BatchSteps:
     def __init__(self, batches: _StaticBatches, batch: list[int], merged: StepOutput | None) -> None:
         self.batches, self.batch, self.merged = batches, batch, merged
         self.width = 0
+        self.seen = 0  # the sequences' length at the last call
+        self.calls = 0
         self.generated: dict[int, list[int]] = {i: [] for i in batch}
         self.finished_at: dict[int, int] = {}  # request index -> the step it ended at
 
@@ -194,19 +263,23 @@ class _BatchSteps:
 
         batches, engine = self.batches, self.batches.engine
         now = batches.clock.now()
-        k = input_ids.shape[1] - self.width  # tokens generated so far
-        last = input_ids[:, -1].tolist()
+        k = input_ids.shape[1] - self.width  # tokens generated so far: one more a step, or more with speculation
+        new = input_ids[:, self.seen or self.width:].tolist()
+        self.seen = input_ids.shape[1]
+        self.calls += 1
         out = StepOutput()
         for row, i in enumerate(self.batch):
             if i in self.finished_at:
                 continue
-            token = last[row]
-            self.generated[i].append(token)
-            out.tokens[i], out.times[i] = [token], [now]
-            reason = self._done(i, token, k)
-            if reason is not None:
-                self.finished_at[i] = k
-                out.finished[i] = reason
+            for at, token in enumerate(new[row], start=k - len(new[row]) + 1):
+                self.generated[i].append(token)
+                out.tokens.setdefault(i, []).append(token)
+                out.times.setdefault(i, []).append(now)
+                reason = self._done(i, token, at)
+                if reason is not None:
+                    self.finished_at[i] = at
+                    out.finished[i] = reason
+                    break
         if self.merged is None:
             batches.events.put(out)
         else:  # in the caller's thread: keep the step, and let requests that arrived meanwhile queue
@@ -234,15 +307,18 @@ class _BatchSteps:
         batches = self.batches
         facts, recorder = batches.recorder.trace.facts, batches.recorder
         snaps, real_tokens = [], 0
+        drafted, accepted = batches.engine.speculation.step()
+        first = self.calls == 1
         for i in self.batch:
             done_at = self.finished_at.get(i)
             produced = min(k, done_at if done_at is not None else k)
-            state = "finished" if done_at is not None else "prefill" if k == 1 else "decode"
+            state = "finished" if done_at is not None else "prefill" if first else "decode"
             prompt = len(batches.prompts[i])
             padding = (self.width - prompt) + (k - done_at if done_at is not None else 0)
             real_tokens += prompt + min(produced, k - 1)  # the newest token has no KV yet
             snaps.append(recorder.dedupe(RequestSnapshot(
-                recorder.names[i], state, self.width if k == 1 else 1, self.width + k - 1, produced, (), 0, padding)))
+                recorder.names[i], state, (self.width if first else 1) + drafted, self.width + k - 1, produced, (),
+                0, padding, draft_tokens=drafted, accepted_tokens=accepted)))
         with batches.lock:
             waiting = list(batches.waiting)
         why = f"static batching: a batch of {len(self.batch)} is running; it waits for the next batch"
@@ -253,3 +329,4 @@ class _BatchSteps:
                                 *process_memory(), *device_memory(batches.engine.device))
         return StepSnapshot(batches.step_index, now, tuple(snaps), "", memory,
                             {"batch_rows": len(self.batch), "padded_width": self.width})
+

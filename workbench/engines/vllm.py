@@ -24,6 +24,7 @@ from workbench.trace import (
     BLOCK_USED,
     CacheFacts,
     MemorySnapshot,
+    RankMemory,
     RequestSnapshot,
     StepSnapshot,
     TraceRecorder,
@@ -51,6 +52,7 @@ _OPTION_TO_VLLM = {
     "pipeline_parallel_size": "pipeline_parallel_size",
     "distributed_executor_backend": "distributed_executor_backend",
     "seed": "seed",
+    "speculative_config": "speculative_config",  # {"method": "ngram", "num_speculative_tokens": 4, ...}
 }
 
 
@@ -169,6 +171,9 @@ class VLLMEngine(LocalEngine):
         self.llm.collective_rpc(count_collectives)
         if current_platform.is_cpu() and int(options.get("pipeline_parallel_size") or 1) > 1:
             self.llm.collective_rpc(allocate_stage_buffer)
+        # Split over ranks, each worker holds its share in a process of its own: the traces' per-rank memory reads
+        # those processes, with the shares (fixed from here on) read once from the workers' own tensors.
+        self.rank_shares = self._ranks() if ranks > 1 else []
 
     def _info(self) -> EngineInfo:
         from workbench.models import count_parameters
@@ -225,7 +230,8 @@ class VLLMEngine(LocalEngine):
     def _engine_counters(self) -> dict[str, float]:
         """vLLM's own Prometheus counters (process-wide totals; a run reports their difference)."""
         wanted = ("vllm:num_preemptions", "vllm:prefix_cache_hits", "vllm:prefix_cache_queries",
-                  "vllm:generation_tokens", "vllm:prompt_tokens")
+                  "vllm:generation_tokens", "vllm:prompt_tokens", "vllm:spec_decode_num_drafts",
+                  "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
         totals: dict[str, float] = {}
         for metric in self.llm.get_metrics():
             if metric.name in wanted and hasattr(metric, "value"):
@@ -315,7 +321,7 @@ def rank_facts(worker) -> RankFacts:
     return RankFacts(world.rank, world.world_size, tp.rank_in_group, pp.rank_in_group, weight_bytes, layers,
                      sum(t.nbytes for t in runner.kv_caches), projections,
                      dict(worker.__dict__.get("workbench_collectives", {})),
-                     worker.__dict__.get("workbench_forward_passes", 0))
+                     worker.__dict__.get("workbench_forward_passes", 0), os.getpid())
 
 
 class _VLLMSession(Session):
@@ -343,6 +349,16 @@ class _VLLMSession(Session):
             return out
 
         self.scheduler.schedule = schedule_and_keep
+        # Speculative decoding: what each request's drafts were and how many of them the step accepted, counted as
+        # vLLM's scheduler counts them for its own spec-decode metrics (tokens sampled less the one it always samples).
+        original_update = self.scheduler.update_from_output
+
+        def update_and_keep(scheduler_output, model_runner_output, *args, **kwargs):
+            self.seen["drafts"] = _drafts(scheduler_output, model_runner_output,
+                                          getattr(self.scheduler, "num_sampled_tokens_per_step", 1))
+            return original_update(scheduler_output, model_runner_output, *args, **kwargs)
+
+        self.scheduler.update_from_output = update_and_keep
 
     def _reasons(self, out) -> dict[str, str]:
         """Why each request the scheduler left waiting was left, read from what it saw when it stopped admitting.
@@ -426,12 +442,16 @@ class _VLLMSession(Session):
             produced = self.produced.get(i, 0)
             snaps.append(self.recorder.dedupe(self._request_snapshot(
                 names[i], request, i in self.just_finished, scheduled.get(rid, 0), self.computed_before.get(i, 0),
-                len(self.prompts[i]) + produced, produced, self.cached.get(i, 0))))
+                len(self.prompts[i]) + produced, produced, self.cached.get(i, 0),
+                self.seen.get("drafts", {}).get(rid, (0, 0)))))
         facts = self.recorder.trace.facts
         pool = self.scheduler.kv_cache_manager.block_pool
         used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()  # the null block is never free
         memory = MemorySnapshot(facts.weight_bytes, facts.num_blocks * facts.bytes_per_block,
-                                used * facts.bytes_per_block, *process_memory())
+                                used * facts.bytes_per_block, *process_memory(), ranks=tuple(
+                                    RankMemory(r.rank, r.weight_bytes, r.kv_cache_bytes,
+                                               used * (r.kv_cache_bytes // pool.num_gpu_blocks),
+                                               *process_memory(r.pid)) for r in self.engine.rank_shares))
         blocks = "".join(BLOCK_RESERVED if block.is_null else BLOCK_USED if block.ref_cnt > 0
                          else BLOCK_CACHED if block.block_hash is not None else BLOCK_FREE for block in pool.blocks)
         return StepSnapshot(step, now, tuple(snaps), blocks, memory,
@@ -440,23 +460,26 @@ class _VLLMSession(Session):
                              "prefix_cache_hit_tokens": sum(self.cached.values())})
 
     def _request_snapshot(self, name: str, request, just_finished: bool, scheduled: int, computed_before: int,
-                          total_tokens: int, output_tokens: int, cached: int) -> RequestSnapshot:
+                          total_tokens: int, output_tokens: int, cached: int,
+                          drafts: tuple[int, int]) -> RequestSnapshot:
         from vllm.v1.request import RequestStatus
 
+        drafted, accepted = drafts  # a request's last step can verify drafts too
         if request is None or just_finished:
-            return RequestSnapshot(name, "finished", scheduled, total_tokens, output_tokens, (), cached)
+            return RequestSnapshot(name, "finished", scheduled, total_tokens, output_tokens, (), cached,
+                                   draft_tokens=drafted, accepted_tokens=accepted)
         if request.status == RequestStatus.PREEMPTED:
             state = "preempted"
         elif scheduled == 0:
             state = "decode" if request.status == RequestStatus.RUNNING else "waiting"
-        elif computed_before < request.num_prompt_tokens or scheduled > 1:
-            state = "prefill"  # a first prefill, or the recomputation of a resumed request
+        elif computed_before < request.num_prompt_tokens or scheduled > 1 + drafted:
+            state = "prefill"  # a first prefill, or the recomputation of a resumed request (drafts are decoding)
         else:
             state = "decode"
         blocks = self.scheduler.kv_cache_manager.get_block_ids(request.request_id)[0]
         reason = self.seen.get("reasons", {}).get(request.request_id, "") if state in ("waiting", "preempted") else ""
         return RequestSnapshot(name, state, scheduled, request.num_computed_tokens, output_tokens,
-                               tuple(blocks), cached, reason=reason)
+                               tuple(blocks), cached, reason=reason, draft_tokens=drafted, accepted_tokens=accepted)
 
     def abort(self, indexes: list[int]) -> None:
         rids = [rid for rid, i in self.index.items() if i in indexes]
@@ -464,11 +487,28 @@ class _VLLMSession(Session):
             self.llm_engine.abort_request(rids)
 
     def close(self) -> None:
-        del self.scheduler.schedule  # back to the class's own method
+        del self.scheduler.schedule  # back to the class's own methods
+        del self.scheduler.update_from_output
         if self.recorder.trace is not None:
             after = self.engine._engine_counters()
             self.recorder.trace.engine_counters = {name: value - self.before.get(name, 0)
                                                    for name, value in after.items()}
+
+
+def _drafts(scheduler_output, model_runner_output, num_sampled: int) -> dict[str, tuple[int, int]]:
+    """Per request with drafts in this step: (draft tokens verified, draft tokens accepted), as vLLM's scheduler
+    counts them in `update_from_output` (accepted: the tokens sampled, less the `num_sampled` always sampled)."""
+    drafts = scheduler_output.scheduled_spec_decode_tokens
+    if not drafts:
+        return {}
+    sampled = model_runner_output.sampled_token_ids
+    index = model_runner_output.req_id_to_index
+    counts = {}
+    for rid, tokens in drafts.items():
+        generated = sampled[index[rid]] if sampled and rid in index else []
+        if tokens and (len(generated) or num_sampled == 0):
+            counts[rid] = (len(tokens), max(len(generated) - num_sampled, 0))
+    return counts
 
 
 def _request_stats(stats) -> dict[str, float]:

@@ -230,7 +230,8 @@ def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str
             if r.state in ("waiting", "preempted"):
                 state_names[row[r.request_id], column] = f"{r.state}: {reason_of(r)}"
             elif r.state in ("prefill", "decode") and r.scheduled_tokens:
-                state_names[row[r.request_id], column] = f"{r.state}, {r.scheduled_tokens} tokens computed"
+                drafts = f", {r.accepted_tokens} of {r.draft_tokens} drafted accepted" if r.draft_tokens else ""
+                state_names[row[r.request_id], column] = f"{r.state}, {r.scheduled_tokens} tokens computed{drafts}"
     running = [sum(r.state in ("prefill", "decode") for r in s.requests) for s in steps]
     tokens = [sum(r.scheduled_tokens for r in s.requests) for s in steps]
     # A gap (a request not yet arrived, or done) is None, not NaN: a live widget sends z as JSON, which has no NaN.
@@ -250,6 +251,28 @@ def batch_timeline_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str
 def batch_timeline_figure(trace: Trace, upto: int = -1) -> go.Figure:
     """Requests x steps colored by state, over the batch size and tokens computed per step."""
     return _figure(batch_timeline_layout(trace), *batch_timeline_traces(trace, upto))
+
+
+def speculation_figure(trace: Trace) -> go.Figure:
+    """Speculative decoding, step by step: the draft tokens each step verified, how many of them were accepted, and
+    the run's acceptance rate so far (accepted / drafted)."""
+    steps = [s.step for s in trace.steps]
+    drafted = [sum(r.draft_tokens for r in s.requests) for s in trace.steps]
+    accepted = [sum(r.accepted_tokens for r in s.requests) for s in trace.steps]
+    total_d, total_a, rate = 0, 0, []
+    for d, a in zip(drafted, accepted):
+        total_d, total_a = total_d + d, total_a + a
+        rate.append(total_a / total_d if total_d else None)
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_bar(x=steps, y=accepted, name="accepted", marker_color="#27ae60")
+    figure.add_bar(x=steps, y=[d - a for d, a in zip(drafted, accepted)], name="rejected", marker_color="#eb5757")
+    figure.add_scatter(x=steps, y=rate, name="acceptance rate so far", mode="lines", line=dict(color="#2f80ed"),
+                       secondary_y=True)
+    figure.update_layout(barmode="stack", height=320, margin=dict(t=50, b=40), xaxis_title="engine step",
+                         title=f"Draft tokens verified per step: {trace.engine}", legend=dict(orientation="h", y=-0.25))
+    figure.update_yaxes(title_text="draft tokens", secondary_y=False)
+    figure.update_yaxes(title_text="accepted / drafted", range=[0, 1.05], secondary_y=True)
+    return figure
 
 
 def scheduled_tokens_figure(trace: Trace, budget: int | None = None) -> go.Figure:
@@ -279,14 +302,15 @@ def scheduled_tokens_figure(trace: Trace, budget: int | None = None) -> go.Figur
 MEMORY_PARTS = ("weights", "KV in use", "KV reserved, unused", "rest of the process")
 
 
-def memory_series(trace: Trace, upto: int = -1) -> dict[str, list[float]]:
-    """Bytes per part of memory at each step up to `upto`, and the step times."""
+def memory_series(trace: Trace, upto: int = -1, rank: int | None = None) -> dict[str, list[float]]:
+    """Bytes per part of memory at each step up to `upto`, and the step times; of one rank's share with `rank`
+    (an engine split over ranks: its weights, KV cache and process)."""
     steps = _steps_upto(trace, upto)
     series: dict[str, list[float]] = {"time_s": [s.time_s for s in steps]}
     for part in MEMORY_PARTS:
         series[part] = []
     for s in steps:
-        m = s.memory
+        m = s.memory if rank is None else next(r for r in s.memory.ranks if r.rank == rank)
         series["weights"].append(m.weights_bytes)
         series["KV in use"].append(m.kv_used_bytes)
         series["KV reserved, unused"].append(max(0, m.kv_reserved_bytes - m.kv_used_bytes))
@@ -296,16 +320,42 @@ def memory_series(trace: Trace, upto: int = -1) -> dict[str, list[float]]:
     return series
 
 
+def memory_ranks(trace: Trace) -> list[int]:
+    """The ranks whose memory the trace carries ([] for an engine in one piece)."""
+    return [r.rank for r in trace.steps[0].memory.ranks] if trace.steps else []
+
+
 def memory_layout(trace: Trace) -> dict:
-    return dict(xaxis_title="seconds", yaxis_title="MiB", height=300, margin=dict(t=40, b=30))
+    ranks = memory_ranks(trace)
+    if not ranks:
+        return dict(xaxis_title="seconds", yaxis_title="MiB", height=300, margin=dict(t=40, b=30))
+    layout = dict(xaxis_title="seconds", height=120 + 200 * len(ranks), margin=dict(t=40, b=30))
+    gap = 0.08
+    for row, rank in enumerate(ranks):  # one panel per rank, rank 0 on top, on a shared time axis
+        top = 1 - row / len(ranks)
+        layout["yaxis" if row == 0 else f"yaxis{row + 1}"] = dict(
+            domain=[max(0.0, top - 1 / len(ranks) + gap / 2), top - gap / 2], title=f"rank {rank}, MiB")
+    return layout
 
 
 def memory_traces(trace: Trace, upto: int = -1) -> tuple[list[dict], str]:
-    series = memory_series(trace, upto)
     colors = ("#828282", "#27ae60", "#a8e6bf", "#f2c94c")
-    return [dict(type="scatter", x=series["time_s"], y=np.array(series[part]) / 2**20, name=part,
-                 stackgroup="memory", line=dict(width=0.5, color=color))
-            for part, color in zip(MEMORY_PARTS, colors)], f"{_memory_place(trace)}: {trace.engine}"
+    ranks = memory_ranks(trace)
+    if not ranks:
+        series = memory_series(trace, upto)
+        return [dict(type="scatter", x=series["time_s"], y=np.array(series[part]) / 2**20, name=part,
+                     stackgroup="memory", line=dict(width=0.5, color=color))
+                for part, color in zip(MEMORY_PARTS, colors)], f"{_memory_place(trace)}: {trace.engine}"
+    traces = []
+    for row, rank in enumerate(ranks):
+        series = memory_series(trace, upto, rank)
+        axis = "y" if row == 0 else f"y{row + 1}"
+        traces += [dict(type="scatter", x=series["time_s"], y=np.array(series[part]) / 2**20, name=part,
+                        legendgroup=part, showlegend=row == 0, stackgroup=f"rank {rank}", yaxis=axis,
+                        line=dict(width=0.5, color=color),
+                        hovertemplate=f"rank {rank}, {part}: %{{y:.1f}} MiB<extra></extra>")
+                   for part, color in zip(MEMORY_PARTS, colors)]
+    return traces, f"Memory per rank ({len(ranks)} ranks, each its own process): {trace.engine}"
 
 
 def _memory_place(trace: Trace) -> str:
@@ -315,7 +365,8 @@ def _memory_place(trace: Trace) -> str:
 
 
 def memory_figure(trace: Trace, upto: int = -1) -> go.Figure:
-    """Weights, KV in use, KV reserved but unused, and the rest of the process, stacked over time (MiB).
+    """Weights, KV in use, KV reserved but unused, and the rest of the process, stacked over time (MiB); a panel
+    per rank for an engine split over ranks.
 
     On a GPU the rest is what else torch holds on the device (activations, buffers), not the process's RAM."""
     return _figure(memory_layout(trace), *memory_traces(trace, upto))
