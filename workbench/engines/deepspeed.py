@@ -24,6 +24,7 @@ from workbench.types import EngineInfo, OffloadFacts, RankFacts
 
 
 class DeepSpeedEngine(TransformersEngine):
+    rank_kv_bytes_per_token: int | None = None  # under AutoTP: this rank's, measured at load
     extra_options = ("device", "max_batch_size", "tensor_parallel_size", "kernel_inject", "offload_param",
                      "nvme_path")
 
@@ -59,7 +60,6 @@ class DeepSpeedEngine(TransformersEngine):
         self.hf_model = self.ds_engine.module
         # AutoTP gives each rank its share of the KV heads, so its cache holds that share of every token's keys and
         # values: measured once from this rank's own cache tensors, for the traces' memory.
-        self.rank_kv_bytes_per_token = None
         if tp_size > 1:
             cache = self._measure_kv_cache()
             self.rank_kv_bytes_per_token = cache.bytes // cache.token_slots
@@ -173,7 +173,7 @@ class DeepSpeedEngine(TransformersEngine):
     def kv_bytes_per_token(self) -> int:
         """Bytes one token's keys and values take in this rank's cache: the config's figure, or under AutoTP this
         rank's share of it, measured from its cache at load."""
-        return getattr(self, "rank_kv_bytes_per_token", None) or super().kv_bytes_per_token
+        return self.rank_kv_bytes_per_token or super().kv_bytes_per_token
 
     def _ranks(self) -> list[RankFacts]:
         """This process's rank only: DeepSpeed runs one process per rank, each with an engine of its own. Its KV

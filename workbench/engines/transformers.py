@@ -329,4 +329,3 @@ class _BatchSteps:
                                 *process_memory(), *device_memory(batches.engine.device))
         return StepSnapshot(batches.step_index, now, tuple(snaps), "", memory,
                             {"batch_rows": len(self.batch), "padded_width": self.width})
-
