@@ -36,3 +36,11 @@ def test_an_interrupt_ends_the_wait_for_the_next_arrival():
     start = time.perf_counter()
     clock.wait_for_next()
     assert time.perf_counter() - start < 1
+
+
+def test_a_restart_counts_arrivals_from_when_the_engine_is_ready():
+    clock = RunClock([0.0, 0.05])
+    time.sleep(0.1)  # opening the session took this long: no request waited for it
+    clock.restart()
+    assert clock.arrived() == [0] and clock.sent[0] < 0.05
+    assert clock.now() < 0.05

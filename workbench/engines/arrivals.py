@@ -29,6 +29,11 @@ class RunClock:
     def now(self) -> float:
         return time.perf_counter() - self.start
 
+    def restart(self) -> None:
+        """Count from now: the engine is ready. Opening a session can start threads or allocate a cache, and a
+        benchmark's requests arrive at a server that is already up, so no request's latency includes that."""
+        self.start = time.perf_counter()
+
     def arrived(self) -> list[int]:
         """Indexes of the requests released since the last call: arrived, and a slot free in a closed loop."""
         now = self.now()

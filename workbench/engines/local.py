@@ -17,7 +17,7 @@ from workbench.engines.loop import RawOutput, Session, StepOutput, serve, steps
 from workbench.errors import InvalidRequestError, UnsupportedOptionError
 from workbench.models import ResolvedModel
 from workbench.trace import StepSnapshot, Trace, TraceRecorder, TraceRequest
-from workbench.types import GenerationResult, RequestMetrics, SamplingOptions
+from workbench.types import GenerationResult, RequestMetrics, SamplingOptions, TokenScores
 from workbench.workload import Request, shared_prefix_lengths
 
 
@@ -55,6 +55,7 @@ class LocalEngine(Engine):
             clock = RunClock([0.0] * len(texts), self._stop_requested)
             recorder = TraceRecorder.silent(len(texts))
             session = self._open_session(token_ids, per_prompt, clock, recorder, streaming=False)
+            clock.restart()
             raw = serve(session, token_ids, per_prompt, clock, recorder, lambda: self.stopping)
             total = clock.now()
         return [self._result(text, ids, out, options.stop, total) for text, ids, out in zip(texts, token_ids, raw)]
@@ -68,6 +69,7 @@ class LocalEngine(Engine):
             clock = RunClock([0.0], self._stop_requested)
             recorder = TraceRecorder.silent(1)
             session = self._open_session([ids], [options], clock, recorder, streaming=True)
+            clock.restart()
             outputs = [RawOutput([], "length")]
             run = steps(session, [ids], [options], clock, recorder, lambda: self.stopping, outputs)
 
@@ -107,12 +109,23 @@ class LocalEngine(Engine):
         with self._busy():
             clock = RunClock([float(r.arrival_s) for r in items], self._stop_requested, max_concurrency)
             session = self._open_session(prompts, options, clock, recorder, streaming=on_tokens is not None)
+            clock.restart()
             raw = serve(session, prompts, options, clock, recorder, lambda: self.stopping)
         for request, ids, out, opts, sent in zip(items, prompts, raw, options, clock.sent):
             sent = request.arrival_s if sent is None else sent  # never sent: stopped before it arrived
             out.token_times = [t - sent for t in out.token_times]
             trace.results.append(self._result(request.prompt, ids, out, opts.stop, 0.0, sent - request.arrival_s))
         return trace
+
+    def _score(self, text: str | Sequence[int]) -> TokenScores:
+        ids = self._encode(text, chat=False)
+        if not 2 <= len(ids) <= self.max_model_len:
+            raise InvalidRequestError(f"score() needs 2 to {self.max_model_len} tokens (the context); this text "
+                                      f"has {len(ids)}.")
+        return self._score_ids(ids)
+
+    def _score_ids(self, ids: list[int]) -> TokenScores:
+        return super()._score(ids)
 
     # ---- requests ----------------------------------------------------------------------------------------------
     def _encode(self, text: str | Sequence[int], chat: bool, system: str | None = None) -> list[int]:

@@ -7,6 +7,7 @@ thread; a wrapper around its loop body snapshots the scheduler and the cache aft
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -110,6 +111,12 @@ class TransformersPagedEngine(LocalEngine):
             manager.warmup()
         manager.start()
         try:
+            deadline = time.monotonic() + 60
+            # The manager allocates its cache in its own thread: wait for it, so the run starts on a ready engine.
+            while manager.batch_processor is None and manager.is_running() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if manager.batch_processor is None:
+                raise WorkbenchError("transformers continuous batching did not start its cache: see the log.")
             yield manager
         finally:
             manager.stop(block=True, timeout=30)
@@ -122,14 +129,7 @@ class TransformersPagedEngine(LocalEngine):
     def _pool(self) -> _Pool:
         """The pool the manager allocates, read from a manager started for it once (it allocates when started)."""
         if self._pool_read is None:
-            import time
-
             with self._manager(SamplingOptions(max_tokens=1), 1, [[self.pad_id]]) as manager:
-                deadline = time.monotonic() + 60
-                while manager.batch_processor is None and manager.is_running() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                if manager.batch_processor is None:
-                    raise WorkbenchError("transformers continuous batching did not start its cache: see the log.")
                 cache = manager.batch_processor.cache
                 allocator = next(iter(cache.cache_allocators.values()))
                 self._pool_read = _Pool(cache.pool.num_reserved_sectors * allocator.blocks_per_sector,
