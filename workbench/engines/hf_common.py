@@ -5,8 +5,9 @@ from __future__ import annotations
 from importlib.metadata import version
 from typing import Any
 
+from workbench.engines.quantization import weight_storage
 from workbench.errors import UnsupportedOptionError
-from workbench.types import EngineInfo, SamplingOptions
+from workbench.types import EngineInfo, SamplingOptions, TokenScores
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -37,6 +38,18 @@ def load_causal_lm(path, dtype: str, device: str, **kwargs: Any):
     return (model if "device_map" in kwargs else model.to(device)).eval()
 
 
+def score_tokens(model, ids: list[int]) -> TokenScores:
+    """One forward pass over `ids`: the log-probability of each next token and the model's first choice there."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        following = torch.tensor(ids[1:], device=logits.device)[:, None]
+        return TokenScores(tuple(ids), tuple(logprobs.gather(1, following)[:, 0].tolist()),
+                           tuple(logits.argmax(-1).tolist()))
+
+
 def generation_config(options: SamplingOptions, eos_ids: list[int], pad_id: int, max_new_tokens: int):
     """A GenerationConfig that says exactly what `options` say (the model's own defaults do not leak in)."""
     from transformers import GenerationConfig
@@ -65,7 +78,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def hf_info(engine_name: str, model, resolved, dtype: str, device: str, max_model_len: int,
             options: dict) -> EngineInfo:
-    params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
+    weights = [weight_storage(p) for p in {id(p): p for p in model.parameters()}.values()]  # tied ones once
+    quantized = [(n, size) for n, size, held_quantized in weights if held_quantized]
     return EngineInfo(
         engine=engine_name,
         engine_version=f"transformers {version('transformers')}",
@@ -73,8 +87,11 @@ def hf_info(engine_name: str, model, resolved, dtype: str, device: str, max_mode
         dtype=DTYPES[dtype],
         model=resolved.name,
         model_path=str(resolved.path),
-        parameters=sum(p.numel() for p in params),
-        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        parameters=sum(n for n, _, _ in weights),
+        weight_bytes=sum(size for _, size, _ in weights),
         max_model_len=max_model_len,
         options=dict(options),
+        quantization=options.get("quantization"),
+        quantized_parameters=sum(n for n, _ in quantized),
+        quantized_bytes=sum(size for _, size in quantized),
     )

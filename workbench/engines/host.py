@@ -40,7 +40,15 @@ from workbench.logs import engine_log, log_engines_to
 from workbench.models import ResolvedModel
 from workbench.sysmem import process_memory
 from workbench.trace import CacheFacts, StepSnapshot, Trace
-from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, OffloadFacts, RankFacts, SamplingOptions
+from workbench.types import (
+    EngineInfo,
+    GenerationResult,
+    KVCacheMeasurement,
+    OffloadFacts,
+    RankFacts,
+    SamplingOptions,
+    TokenScores,
+)
 from workbench.workload import Request
 
 _LOAD_TIMEOUT_S = 900
@@ -249,6 +257,9 @@ class EngineProxy(Engine):
 
     def _offload(self) -> OffloadFacts:
         return self._call("offload")
+
+    def _score(self, text: str | Sequence[int]) -> TokenScores:
+        return self._call("score", text if isinstance(text, str) else list(text), doing="scoring a text")
 
     def _generate(self, texts: list[str], options: SamplingOptions, chat: bool) -> list[GenerationResult]:
         with self._busy():

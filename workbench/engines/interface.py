@@ -17,7 +17,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from workbench.errors import InvalidRequestError, WorkbenchError
 from workbench.kv_sizes import kv_bytes_per_token, kv_shape
 from workbench.trace import CacheFacts, StepSnapshot, Trace
-from workbench.types import EngineInfo, GenerationResult, KVCacheMeasurement, OffloadFacts, RankFacts, SamplingOptions
+from workbench.types import (
+    EngineInfo,
+    GenerationResult,
+    KVCacheMeasurement,
+    OffloadFacts,
+    RankFacts,
+    SamplingOptions,
+    TokenScores,
+)
 from workbench.workload import Request, arrival_times, as_requests, with_arrivals
 
 
@@ -172,6 +180,22 @@ class Engine(ABC):
         self._check_open()
         with self._busy():
             return self._measure_kv_cache()
+
+    def score(self, text: str | Sequence[int]) -> TokenScores:
+        """Run `text` (plain, no chat template; or token ids) through the model once, teacher-forced: the
+        log-probability of each next token and the token the model ranked first there. Perplexity, and comparing
+        two precisions of one model position by position, start from it.
+
+        >>> engine.score("The quick brown fox jumps over the lazy dog.").perplexity      # doctest: +SKIP
+        """
+        self._check_open()
+        if isinstance(text, str) and not text.strip():
+            raise InvalidRequestError("score() needs a text of two tokens or more: it was empty.")
+        with self._busy():
+            return self._score(text)
+
+    def _score(self, text: str | Sequence[int]) -> TokenScores:
+        raise WorkbenchError(f"the {self.name!r} engine does not score texts: the transformers and vllm engines do.")
 
     def ranks(self) -> list[RankFacts]:
         """What each rank of the engine holds (one rank when it does not split the model): its bytes of weights,

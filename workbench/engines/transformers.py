@@ -15,14 +15,23 @@ import threading
 from dataclasses import replace
 
 from workbench.engines.arrivals import RunClock
-from workbench.engines.hf_common import eos_token_ids, generation_config, hf_info, load_causal_lm, pick_device
+from workbench.engines.hf_common import (
+    eos_token_ids,
+    generation_config,
+    hf_info,
+    load_causal_lm,
+    pick_device,
+    score_tokens,
+    torch_dtype,
+)
 from workbench.engines.interface import first_stop
 from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.engines.offload import Offload
+from workbench.engines.quantization import check_quantization, quantization_config
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.sysmem import device_memory, process_memory
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
-from workbench.types import EngineInfo, KVCacheMeasurement, OffloadFacts, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, OffloadFacts, SamplingOptions, TokenScores
 
 
 class _PromptLookup:
@@ -89,15 +98,25 @@ class _PromptLookup:
 class TransformersEngine(LocalEngine):
     # max_memory, device_map, offload_folder: accelerate's big-model offload, named as `from_pretrained` names them
     # prompt_lookup_num_tokens, max_matching_ngram_size: generate's prompt lookup (n-gram speculative) decoding
+    # quantization: the weights quantized as they load (`workbench.engines.quantization.QUANTIZATIONS`)
     extra_options = ("device", "max_batch_size", "attn_implementation", "max_memory", "device_map", "offload_folder",
-                     "prompt_lookup_num_tokens", "max_matching_ngram_size")
+                     "prompt_lookup_num_tokens", "max_matching_ngram_size", "quantization")
     speculation = _PromptLookup({})  # off, for subclasses that load their model another way
 
     def _load(self) -> None:
         self.speculation = _PromptLookup(self.options)
         self.device = pick_device(self.options.get("device"))
+        quantization = self.options.get("quantization")
+        check_quantization(quantization)
+        offload_options = ("max_memory", "device_map", "offload_folder")
+        if quantization and any(self.options.get(k) is not None for k in offload_options):
+            raise UnsupportedOptionError("quantization cannot be combined with max_memory, device_map or "
+                                         "offload_folder here: load with one or the other.")
         self.offloading = Offload(self.options, self.device)
         kwargs = dict(self.offloading.kwargs)
+        if quantization:
+            kwargs["quantization_config"] = quantization_config(quantization, torch_dtype(self.dtype))
+            kwargs["device_map"] = self.device  # the quantizer places each weight as it loads it
         if self.options.get("attn_implementation"):
             kwargs["attn_implementation"] = self.options["attn_implementation"]
         try:
@@ -119,6 +138,9 @@ class TransformersEngine(LocalEngine):
 
     def _offload(self) -> OffloadFacts:
         return self.offloading.facts()
+
+    def _score_ids(self, ids: list[int]) -> TokenScores:
+        return score_tokens(self.hf_model, ids)
 
     def _cache_facts(self) -> CacheFacts:
         return self._layout(paged=False, block_size=1, num_blocks=0)  # contiguous: a "block" is one token slot

@@ -29,7 +29,7 @@ from workbench.trace import (
     StepSnapshot,
     TraceRecorder,
 )
-from workbench.types import EngineInfo, KVCacheMeasurement, RankFacts, SamplingOptions
+from workbench.types import EngineInfo, KVCacheMeasurement, RankFacts, SamplingOptions, TokenScores
 
 # vLLM reads these when it is imported: they must be set before.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -226,6 +226,19 @@ class VLLMEngine(LocalEngine):
     def _next_id(self) -> str:
         self._counter += 1
         return f"wb-{self._counter}"
+
+    def _score_ids(self, ids: list[int]) -> TokenScores:
+        """vLLM's own prompt logprobs (`prompt_logprobs=1`: the token that is there, and the first choice)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=1),
+                                use_tqdm=False)[0]
+        logprobs, top1 = [], []
+        for token, ranked in zip(ids[1:], list(out.prompt_logprobs)[1:]):
+            logprobs.append(ranked[token].logprob)
+            top1.append(next(t for t, entry in ranked.items() if entry.rank == 1))
+        return TokenScores(tuple(ids), tuple(logprobs), tuple(top1))
 
     def _engine_counters(self) -> dict[str, float]:
         """vLLM's own Prometheus counters (process-wide totals; a run reports their difference)."""
