@@ -135,7 +135,8 @@ def test_quickstart_in_jupyterlab_load_and_run_the_workbench(browser, jupyterlab
 
 @pytest.mark.parametrize("name", ["00_quickstart", "02_paged_attention", "03_continuous_batching", "04_memory",
                                   "05_engine_report", "06_serving_dashboard", "07_load_sweep", "08_parallelism",
-                                  "09_precision_and_quantization", "11_speculative_decoding"])
+                                  "09_precision_and_quantization", "10_compilation",
+                                  "11_speculative_decoding"])
 def test_html_report_draws_every_figure_offline(browser, quickstart_report, notebook_report, name):
     if name == "00_quickstart":  # executed through the `workbench report` command
         executed, html = quickstart_report / f"{name}.ipynb", quickstart_report / f"{name}.html"

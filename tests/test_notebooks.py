@@ -86,6 +86,7 @@ def test_engines_tour_notebook(notebook_report):
     assert techniques["chunked prefill"] == "03_continuous_batching.ipynb"
     assert techniques["ZeRO and offload"] == "04_memory.ipynb"
     assert techniques["speculative decoding"] == "11_speculative_decoding.ipynb"
+    assert techniques["kernel injection, compiled graphs and kernel fusion"] == "10_compilation.ipynb"
     assert techniques["precision and quantization (FP16/BF16, INT8, 4-bit; GPTQ, AWQ)"] == \
         "09_precision_and_quantization.ipynb"
 
@@ -320,6 +321,28 @@ def test_precision_and_quantization_notebook(notebook_report):
             assert "dtype='float32'" in results["vllm_refused"]["bfloat16"]
         else:
             assert runs["vllm bfloat16"]["weight_bytes"] == bf16["weight_bytes"]
+    assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
+
+
+def test_compilation_notebook(notebook_report):
+    executed, page = notebook_report("10_compilation")
+    results = read_results(executed)
+    runs = results["runs"]
+    engines = ["transformers", "vllm"] if HAVE_VLLM else ["transformers"]
+    for engine in engines:
+        ran = [run for run in runs.values() if run["engine"] == engine]  # (the record's keys come back sorted)
+        eager, compiled = sorted(ran, key=lambda run: run["mode"] != "eager")
+        assert compiled["tokens"] == eager["tokens"] and len(eager["tokens"]) == results["max_tokens"], engine
+        assert eager["mode"] == "eager" and eager["graphs"] == eager["kernels"] == 0, engine
+        assert compiled["graphs"] >= 1 and compiled["graph_breaks"] == 0, (engine, compiled)
+        # inductor's own counts: it generated kernels, fewer than the operations it started from (it fused some),
+        # unless its cache supplied every graph
+        assert compiled["nodes_before_fusion"] > compiled["kernels"] > 0 or compiled["cache_hits"] > 0, compiled
+    transformers = next(run for run in runs.values() if run["engine"] == "transformers" and run["mode"] != "eager")
+    assert transformers["compile_seconds"] > 0 and transformers["mode"].startswith("torch.compile")
+    if HAVE_DEEPSPEED:
+        assert "need a CUDA GPU" in results["not_here"]["deepspeed kernel_inject=True"]
+    assert "NVIDIA" in results["not_here"]["tensorrt-llm"]
     assert page.read_text().count('class="plotly-graph-div"') == results["static_figures"]
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 ENGINE_LOGGERS = ("vllm", "transformers", "ContinuousBatchingLogger", "DeepSpeed", "deepspeed", "torch",
-                  "accelerate", "tensorrt_llm", "py.warnings")
+                  "accelerate", "tensorrt_llm", "torchao", "bitsandbytes", "py.warnings")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _current: Path | None = None  # where this process sends engine log records, once told
 

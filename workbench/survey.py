@@ -105,8 +105,9 @@ TECHNIQUES: tuple[Technique, ...] = (
     Technique("ZeRO and offload", ("DeepSpeed", "Transformers"), "04_memory.ipynb",
               "weights budgets smaller than the model, layers paged in from disk per pass (accelerate), and DeepSpeed "
               "ZeRO-3's parameter offload: resident weights measured against decoding speed"),
-    Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM"), "",
-              "not shown yet: DeepSpeed's injection and TensorRT-LLM need an NVIDIA GPU"),
+    Technique("kernel injection, compiled graphs and kernel fusion", ("DeepSpeed", "TensorRT-LLM", "vLLM"),
+              "10_compilation.ipynb", "torch.compile in transformers and vLLM's compiled mode against eager: compile "
+              "time, kernels generated and fused, time per token; DeepSpeed's injection and TensorRT-LLM need a GPU"),
     Technique("precision and quantization (FP16/BF16, INT8, 4-bit; GPTQ, AWQ)", ("TGI", "TensorRT-LLM", "DeepSpeed"),
               "09_precision_and_quantization.ipynb", "float32, bfloat16, torchao int8 and bitsandbytes NF4 on one "
               "model: weight and KV bytes, speed, and perplexity and agreement against float32 (GPTQ/AWQ not yet)"),

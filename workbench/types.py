@@ -109,6 +109,22 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class CompileFacts:
+    """What an engine's compiler did, from the compiler's own counters (torch's dynamo and inductor; vLLM's
+    compilation counter and timer). `mode` is "eager" where nothing was compiled."""
+
+    mode: str
+    compile_seconds: float | None  # the compiler's own timer (dynamo's compile_inner, vLLM's compilation_time);
+    # None where it keeps none (vLLM's ahead-of-time compile on CPU): compare load times instead
+    graphs: int  # graphs captured: dynamo's unique graphs; vLLM: the pieces it splits the model's graph into
+    graph_breaks: int  # where dynamo stopped capturing and fell back to Python
+    kernels: int  # kernels inductor generated (none for a graph its cache supplied)
+    nodes_before_fusion: int  # inductor's IR nodes before fusion: this against `kernels` is how much it fused
+    cache_hits: int  # compiled graphs loaded from a compile cache instead of compiled
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class TokenScores:
     """A text scored by the model, teacher-forced: at each position after the first, the log-probability the model
     gave the token that really comes next, and the token it ranked first."""

@@ -41,6 +41,7 @@ from workbench.models import ResolvedModel
 from workbench.sysmem import process_memory
 from workbench.trace import CacheFacts, StepSnapshot, Trace
 from workbench.types import (
+    CompileFacts,
     EngineInfo,
     GenerationResult,
     KVCacheMeasurement,
@@ -257,6 +258,9 @@ class EngineProxy(Engine):
 
     def _offload(self) -> OffloadFacts:
         return self._call("offload")
+
+    def _compilation(self) -> CompileFacts:
+        return self._call("compilation")
 
     def _score(self, text: str | Sequence[int]) -> TokenScores:
         return self._call("score", text if isinstance(text, str) else list(text), doing="scoring a text")

@@ -18,6 +18,7 @@ from workbench.errors import InvalidRequestError, WorkbenchError
 from workbench.kv_sizes import kv_bytes_per_token, kv_shape
 from workbench.trace import CacheFacts, StepSnapshot, Trace
 from workbench.types import (
+    CompileFacts,
     EngineInfo,
     GenerationResult,
     KVCacheMeasurement,
@@ -212,6 +213,21 @@ class Engine(ABC):
     def _ranks(self) -> list[RankFacts]:
         raise WorkbenchError(f"the {self.name!r} engine does not say what its ranks hold: the vllm and deepspeed "
                              f"engines do.")
+
+    def compilation(self) -> CompileFacts:
+        """What the engine's compiler did at load, from its own counters: graphs captured, graph breaks, kernels
+        generated and IR nodes before fusion, compile seconds ("eager" and zeros where nothing was compiled).
+
+        >>> wb.load("transformers", compile="layers").compilation().kernels      # doctest: +SKIP
+        144
+        """
+        self._check_open()
+        with self._busy():
+            return self._compilation()
+
+    def _compilation(self) -> CompileFacts:
+        raise WorkbenchError(f"the {self.name!r} engine does not report compilation: the transformers engine "
+                             f"(its compile option) and vllm (enforce_eager=False) do.")
 
     def offload(self) -> OffloadFacts:
         """Where the weights are placed under the engine's memory budget (`max_memory`), and the most of them

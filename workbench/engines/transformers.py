@@ -15,6 +15,7 @@ import threading
 from dataclasses import replace
 
 from workbench.engines.arrivals import RunClock
+from workbench.engines.compilation import check_compile, compile_model, torch_facts
 from workbench.engines.hf_common import (
     eos_token_ids,
     generation_config,
@@ -31,7 +32,14 @@ from workbench.engines.quantization import check_quantization, quantization_conf
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.sysmem import device_memory, process_memory
 from workbench.trace import CacheFacts, MemorySnapshot, RequestSnapshot, StepSnapshot, TraceRecorder
-from workbench.types import EngineInfo, KVCacheMeasurement, OffloadFacts, SamplingOptions, TokenScores
+from workbench.types import (
+    CompileFacts,
+    EngineInfo,
+    KVCacheMeasurement,
+    OffloadFacts,
+    SamplingOptions,
+    TokenScores,
+)
 
 
 class _PromptLookup:
@@ -99,12 +107,15 @@ class TransformersEngine(LocalEngine):
     # max_memory, device_map, offload_folder: accelerate's big-model offload, named as `from_pretrained` names them
     # prompt_lookup_num_tokens, max_matching_ngram_size: generate's prompt lookup (n-gram speculative) decoding
     # quantization: the weights quantized as they load (`workbench.engines.quantization.QUANTIZATIONS`)
+    # compile: torch.compile on the model (`workbench.engines.compilation.COMPILE_SCOPES`), with a static cache
     extra_options = ("device", "max_batch_size", "attn_implementation", "max_memory", "device_map", "offload_folder",
-                     "prompt_lookup_num_tokens", "max_matching_ngram_size", "quantization")
+                     "prompt_lookup_num_tokens", "max_matching_ngram_size", "quantization", "compile")
+    compile_scope: str | None = None
     speculation = _PromptLookup({})  # off, for subclasses that load their model another way
 
     def _load(self) -> None:
         self.speculation = _PromptLookup(self.options)
+        self.compile_scope = check_compile(self.options)
         self.device = pick_device(self.options.get("device"))
         quantization = self.options.get("quantization")
         check_quantization(quantization)
@@ -128,6 +139,15 @@ class TransformersEngine(LocalEngine):
         self.eos_ids = eos_token_ids(self.hf_model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.speculation.watch(self.hf_model)
+        if self.compile_scope:  # compile now, as vLLM does at load, not in the first request's time
+            import torch
+
+            compile_model(self.hf_model, self.compile_scope)
+            config = generation_config(SamplingOptions(2, 0.0, ignore_eos=True), self.eos_ids, self.pad_id, 2)
+            config.cache_implementation = "static"
+            with torch.inference_mode():
+                self.hf_model.generate(input_ids=torch.tensor([self.eos_ids[:1] * 4], device=self.device),
+                                       generation_config=config)
 
     def _info(self) -> EngineInfo:
         return hf_info(self.name, self.hf_model, self.model, self.dtype, self.device, self.max_model_len, self.options)
@@ -138,6 +158,11 @@ class TransformersEngine(LocalEngine):
 
     def _offload(self) -> OffloadFacts:
         return self.offloading.facts()
+
+    def _compilation(self) -> CompileFacts:
+        if not self.compile_scope:
+            return CompileFacts("eager", 0.0, 0, 0, 0, 0, 0, "nothing compiled (load with compile='layers')")
+        return torch_facts(f"torch.compile ({self.compile_scope})")
 
     def _score_ids(self, ids: list[int]) -> TokenScores:
         return score_tokens(self.hf_model, ids)
@@ -246,6 +271,8 @@ class _StaticBatches(Session):
             config = generation_config(replace(first, stop=()), engine.eos_ids, engine.pad_id,
                                        max(self.options[i].max_tokens for i in batch))
             engine.speculation.configure(config)
+            if engine.compile_scope:
+                config.cache_implementation = "static"  # fixed-shape cache tensors: what the compiled graphs take
             with torch.inference_mode():
                 engine.hf_model.generate(input_ids=ids, attention_mask=mask, stopping_criteria=[criterion],
                                          generation_config=config)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from workbench.engines.arrivals import RunClock
+from workbench.engines.compilation import torch_facts
 from workbench.engines.local import LocalEngine, Session, StepOutput
 from workbench.errors import UnsupportedOptionError, WorkbenchError
 from workbench.kv_sizes import bytes_per_element
@@ -29,7 +31,7 @@ from workbench.trace import (
     StepSnapshot,
     TraceRecorder,
 )
-from workbench.types import EngineInfo, KVCacheMeasurement, RankFacts, SamplingOptions, TokenScores
+from workbench.types import CompileFacts, EngineInfo, KVCacheMeasurement, RankFacts, SamplingOptions, TokenScores
 
 # vLLM reads these when it is imported: they must be set before.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -226,6 +228,21 @@ class VLLMEngine(LocalEngine):
     def _next_id(self) -> str:
         self._counter += 1
         return f"wb-{self._counter}"
+
+    def _compilation(self) -> CompileFacts:
+        from vllm.compilation.counter import compilation_counter
+
+        config = self.llm_engine.vllm_config.compilation_config
+        if self.llm_engine.vllm_config.model_config.enforce_eager:
+            return CompileFacts("eager", 0.0, 0, 0, 0, 0, 0, "nothing compiled (load with enforce_eager=False)")
+        facts = torch_facts(f"vLLM compiled ({config.mode.name})")  # its compile runs in this process
+        c = compilation_counter
+        if c.num_piecewise_graphs_seen:  # vLLM's own backend (VLLM_COMPILE): it splits the graph at attention
+            facts = replace(facts, compile_seconds=config.compilation_time or facts.compile_seconds,
+                            graphs=c.num_piecewise_graphs_seen,
+                            cache_hits=facts.cache_hits + c.num_compiled_artifacts_loaded,
+                            source="vllm.compilation.counter and compilation_time, torch._inductor.metrics")
+        return facts
 
     def _score_ids(self, ids: list[int]) -> TokenScores:
         """vLLM's own prompt logprobs (`prompt_logprobs=1`: the token that is there, and the first choice)."""
