@@ -158,8 +158,9 @@ class VLLMEngine(LocalEngine):
             # On CPU "gpu_memory_utilization" is the share of the NUMA node's memory vLLM insists on finding free;
             # its 0.92 default refuses to start beside a kernel holding anything. The KV cache gets a fixed size.
             kwargs.setdefault("gpu_memory_utilization", 0.5)
-            if "kv_cache_memory_bytes" not in kwargs and "num_gpu_blocks_override" not in kwargs:
-                kwargs["kv_cache_memory_bytes"] = _CPU_DEFAULT_KV_BYTES
+            # A fixed size also skips vLLM's check that `gpu_memory_utilization` of the node is free, which fails
+            # beside other engines' processes; `num_blocks` (num_gpu_blocks_override) still sets the block count.
+            kwargs.setdefault("kv_cache_memory_bytes", _CPU_DEFAULT_KV_BYTES)
         _keep_shared_state_while_engines_are_open()
         try:
             self.llm = LLM(model=str(self.model.path), dtype=self.dtype, max_model_len=self.max_model_len,
