@@ -80,9 +80,11 @@ def test_two_engines_side_by_side_each_in_its_own_process():
 
 def test_stop_reaches_the_engine_in_its_process():
     with wb.load("transformers-paged", model="tiny-llama") as engine:
-        threading.Timer(1.0, engine.stop).start()
-        trace = engine.run(LONG)
+        # Stopped from the kernel once the run is seen stepping: a timer can fire before the run has started (the
+        # first run reads the paged pool first), and a stop while nothing runs does nothing.
+        trace = engine.run(LONG, on_step=lambda snapshot: snapshot.step == 5 and engine.stop())
         assert all(r.finish_reason == "abort" for r in trace.results)
+        assert all(len(r.token_ids) < 400 for r in trace.results)
         assert engine.generate("Hello", max_tokens=3)[0].metrics.generated_tokens == 3
 
 

@@ -108,6 +108,18 @@ async def get_json(http, url: str, headers: dict[str, str]) -> Any:
         return await response.json(content_type=None)
 
 
+async def _post(http, url: str, body: dict[str, Any], headers: dict[str, str], stamps: Stamps):
+    """POST, and once more if the pooled connection it went out on was one the server had just closed (a server
+    drops idle connections after a few seconds, and on a busy machine that can beat the pool's own 4 s): no byte of
+    an answer came back, and `stamps.sent` is taken again as the second request is written."""
+    import aiohttp
+
+    try:
+        return await http.post(url, json=body, headers=headers, trace_request_ctx=stamps)
+    except aiohttp.ServerDisconnectedError:
+        return await http.post(url, json=body, headers=headers, trace_request_ctx=stamps)
+
+
 async def server_sent_events(http, url: str, body: dict[str, Any], headers: dict[str, str],
                              stamps: Stamps) -> AsyncIterator[tuple[float, bytes]]:
     """POST `body` as JSON to `url` and yield `(arrival time, data)` for each server-sent event of the answer.
@@ -116,7 +128,7 @@ async def server_sent_events(http, url: str, body: dict[str, Any], headers: dict
     that completed it were read. A status of 400 or more raises `HTTPStatusError`. Leaving the iteration early
     closes the connection, which makes a server abort the request.
     """
-    async with http.post(url, json=body, headers=headers, trace_request_ctx=stamps) as response:
+    async with await _post(http, url, body, headers, stamps) as response:
         await _raise_for_status(response)
         buffer = b""
         async for chunk in response.content.iter_any():
